@@ -1,0 +1,31 @@
+// The one place every op's schema is declared. Backends only add implementations:
+// csrc/cpu/register.cpp (CPU), csrc/cuda/register.cpp (CUDA), cpl_kernels/ops.py (fake/meta).
+// Importing cpl_kernels._C loads this library and so registers everything.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// An empty Python module: importing it only loads the shared library (extension-cpp style).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(cpl, m) {
+  m.def("pack_signs_(Tensor src, Tensor(a!) codes) -> ()");
+  m.def("contribution_stats(Tensor a, Tensor b, Tensor(a!)? mask_out) -> (Tensor, Tensor)");
+  m.def("contribution_stats_codes(Tensor a, Tensor codes, Tensor(a!)? mask_out) -> (Tensor, Tensor)");
+  m.def(
+      "cpl_adam_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "Tensor? codes, float step, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "bool decoupled, str criterion, bool strict) -> Tensor");
+  m.def(
+      "cpl_sgd_step_(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, Tensor? codes, "
+      "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+      "bool init_buffer, str criterion, bool strict) -> Tensor");
+  m.def(
+      "masked_adamw_step_(Tensor(a!) param, Tensor grad, Tensor mask_words, Tensor block_offsets, "
+      "Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, float step, float lr, float beta1, float beta2, "
+      "float eps, float weight_decay) -> ()");
+}
