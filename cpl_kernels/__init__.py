@@ -3,3 +3,8 @@ from . import ops, reference  # noqa: F401  (ops loads the native library and re
 from ._backend import choose as backend_for, native_loaded  # noqa: F401
 
 __version__ = "0.1.0"
+
+from .optim import CPLAdam, CPLAdamW, CPLSGD, MaskedAdamW, state_bytes  # noqa: E402,F401
+from .reference_grad import build_reference  # noqa: E402,F401
+from .masks import cpl_masks_once, random_masks_like  # noqa: E402,F401
+from . import analysis  # noqa: E402,F401

@@ -1,1 +1,8 @@
-"""Filled in by its issue."""
+"""Drop-in torch.optim optimizers with the CPL rule, and compact-state MaskedAdamW."""
+from ._base import state_bytes  # noqa: F401
+from .adam import CPLAdam  # noqa: F401
+from .adamw import CPLAdamW  # noqa: F401
+from .masked_adamw import MaskedAdamW  # noqa: F401
+from .sgd import CPLSGD  # noqa: F401
+
+__all__ = ["CPLAdam", "CPLAdamW", "CPLSGD", "MaskedAdamW", "state_bytes"]
