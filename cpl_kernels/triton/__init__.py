@@ -1,1 +1,14 @@
-"""Filled in by its issue."""
+"""Triton kernels for every cpl:: op, with the reference functions' names and positional args.
+
+cpl_kernels.ops imports this package lazily (only when the Triton backend serves a call), so a
+missing triton raises ImportError here and never breaks `import cpl_kernels`.
+On CPU the kernels run under TRITON_INTERPRET=1 (the tests do this with small shapes).
+"""
+from .adam import cpl_adam_step_
+from .masked import masked_adamw_step_
+from .pack import pack_signs_
+from .sgd import cpl_sgd_step_
+from .stats import contribution_stats, contribution_stats_codes
+
+__all__ = ["pack_signs_", "contribution_stats", "contribution_stats_codes", "cpl_adam_step_",
+           "cpl_sgd_step_", "masked_adamw_step_"]
