@@ -148,3 +148,19 @@ def test_bf16_params_keep_fp32_state_through_torch_checkpoints():
     torch.testing.assert_close(ours.state[p]["exp_avg"], theirs.state[p]["exp_avg"].float())
     ours.step()
     assert float(ours.state[p]["step"]) == 2.0
+
+
+def test_closure_and_zero_grad_like_torch():
+    a, b = make_params(), make_params()
+    ours, theirs = CPLAdamW(a, lr=0.1), torch.optim.AdamW(b, lr=0.1)
+    for opt, params in ((ours, a), (theirs, b)):
+        def closure(params=params, opt=opt):
+            opt.zero_grad()
+            loss = sum((p * p).sum() for p in params)
+            loss.backward()
+            return loss
+        assert float(opt.step(closure)) > 0
+        opt.zero_grad()
+        assert all(p.grad is None for p in params)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.detach(), y.detach(), **TOL)
