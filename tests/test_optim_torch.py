@@ -159,7 +159,7 @@ def test_closure_and_zero_grad_like_torch():
             loss = sum((p * p).sum() for p in params)
             loss.backward()
             return loss
-        assert float(opt.step(closure)) > 0
+        assert float(opt.step(closure).detach()) > 0
         opt.zero_grad()
         assert all(p.grad is None for p in params)
     for x, y in zip(a, b):
