@@ -1,7 +1,7 @@
 """Builds cpl_kernels._C.
 
 Build flags live here and only here:
-  * C++ CPU kernels are always built: -O3, OpenMP (-fopenmp), C++17. The hot loops carry
+  * C++ CPU kernels are always built: -O3, OpenMP (-fopenmp), C++20 (template lambdas). The hot loops carry
     their own `target_clones` attributes, so one binary runs AVX2/AVX-512 code where the CPU has
     it and baseline x86-64 code elsewhere (no -march=native: the wheel must run on any x86-64).
   * CUDA kernels (csrc/cuda) are built when the toolchain is there: a CUDA build of torch
@@ -45,7 +45,7 @@ def rel(paths):
 
 def extension():
     sources = rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"]
     if not want_cuda():
         return CppExtension("cpl_kernels._C", sources, extra_compile_args={"cxx": cxx},
                             extra_link_args=["-fopenmp"], py_limited_api=False)
