@@ -154,5 +154,17 @@ def _register_fakes() -> None:
     def _(*args):
         return None
 
+    # Multi-tensor ops (cpl_kernels/multi_tensor.py): one int64 count per param. Guarded so a
+    # stale build without these schemas still imports.
+    if hasattr(torch.ops.cpl, "cpl_adam_step_multi_"):
+        @torch.library.register_fake("cpl::cpl_adam_step_multi_")
+        def _(params, *args):
+            return params[0].new_empty((len(params),), dtype=torch.int64)
+
+    if hasattr(torch.ops.cpl, "cpl_sgd_step_multi_"):
+        @torch.library.register_fake("cpl::cpl_sgd_step_multi_")
+        def _(params, *args):
+            return params[0].new_empty((len(params),), dtype=torch.int64)
+
 
 _register_fakes()
