@@ -1,0 +1,39 @@
+"""torch.library.opcheck on every op and every device with native kernels: schema (mutation
+annotations), fake/meta implementations, autograd registration, AOT dispatch."""
+import pytest
+import torch
+
+from cpl_kernels import _backend, ops, reference as ref
+
+pytestmark = pytest.mark.skipif(not _backend.native_loaded(), reason="native library not built")
+
+DEVICES = [d for d, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+           if _backend.has_native_kernel(key) and (d == "cpu" or torch.cuda.is_available())]
+
+
+def cases(device):
+    n = 1000
+    gen = torch.Generator().manual_seed(0)
+    p, g, r = (torch.randn(n, generator=gen).to(device) for _ in range(3))
+    codes = ref.pack_signs_(r.cpu(), ops.empty_codes(r.cpu())).to(device)
+    zeros = lambda k=n: torch.zeros(k, device=device)  # noqa: E731
+    words = ref.pack_mask(torch.rand(n, generator=gen) < 0.3).to(device)
+    offsets = ref.mask_block_offsets(words.cpu(), n).to(device)
+    active = int(ref.unpack_mask(words.cpu(), n).sum())
+    return {
+        "pack_signs_": (p, ops.empty_codes(p)),
+        "contribution_stats": (p, g, ops.empty_mask(p)),
+        "contribution_stats_codes": (p, codes, None),
+        "cpl_adam_step_": (p.clone(), g, zeros(), zeros(), codes, 3.0, 1e-3, 0.9, 0.999, 1e-8, 0.01,
+                           True, "update", True),
+        "cpl_sgd_step_": (p.clone(), g, zeros(), codes, 1e-2, 0.9, 0.0, 0.0, False, True, "gradient", False),
+        "masked_adamw_step_": (p.clone(), g, words, offsets, zeros(active), zeros(active), 1.0, 1e-3,
+                               0.9, 0.999, 1e-8, 0.01),
+    }
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op_name", list(cases("cpu")))
+def test_opcheck(device, op_name):
+    args = cases(device)[op_name]
+    torch.library.opcheck(getattr(torch.ops.cpl, op_name), args)
