@@ -1,0 +1,45 @@
+"""The four optimizers of the paper, plain (torch.optim) or with the CPL rule (cpl_kernels).
+
+Plain fine-tuning and the baselines use torch.optim itself, not a CPL optimizer without a
+reference: the baseline is then torch's own code, whatever cpl_kernels does.
+"""
+from __future__ import annotations
+
+import torch
+
+import cpl_kernels
+
+from .config import LabConfig
+
+
+def _kwargs(kind: str, lr: float, cfg: LabConfig) -> dict:
+    if kind == "sgd":
+        return dict(lr=lr, momentum=0.0)
+    if kind == "momentum":
+        return dict(lr=lr, momentum=cfg.momentum)
+    if kind == "adam":
+        return dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    if kind == "adamw":
+        return dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {kind!r}")
+
+
+def plain(params, lr: float, cfg: LabConfig) -> torch.optim.Optimizer:
+    cls = {"sgd": torch.optim.SGD, "momentum": torch.optim.SGD, "adam": torch.optim.Adam,
+           "adamw": torch.optim.AdamW}[cfg.optimizer]
+    return cls(params, **_kwargs(cfg.optimizer, lr, cfg))
+
+
+def cpl(params, lr: float, cfg: LabConfig):
+    cls = {"sgd": cpl_kernels.CPLSGD, "momentum": cpl_kernels.CPLSGD, "adam": cpl_kernels.CPLAdam,
+           "adamw": cpl_kernels.CPLAdamW}[cfg.optimizer]
+    return cls(params, criterion=cfg.criterion, strict=cfg.strict, **_kwargs(cfg.optimizer, lr, cfg))
+
+
+def masked(params, masks, lr: float, cfg: LabConfig):
+    """MaskedAdamW (compact state) for a static mask. It is AdamW only: with "adam" the weight
+    decay is zero, which is Adam; SGD has no compact-state counterpart in the library."""
+    if cfg.optimizer not in ("adam", "adamw"):
+        raise ValueError(f"static-mask methods (cpl-once, random-once) use MaskedAdamW and need "
+                         f"--optimizer adam or adamw, not {cfg.optimizer!r}")
+    return cpl_kernels.MaskedAdamW(params, masks=masks, **_kwargs(cfg.optimizer, lr, cfg))
