@@ -33,6 +33,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CPL_LAB_CACHE", Path.home() / ".cache" / "cpl_lab"))
 
 
+def _quiet_transformers() -> None:
+    # transformers draws its own bars for loading/saving a 1-file checkpoint: noise next to ours.
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+
+
 def tiny_llama(cfg: LabConfig, vocab_size: int, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(
@@ -49,6 +55,7 @@ def tiny_llama(cfg: LabConfig, vocab_size: int, seed: int):
 def load_hf(path: str, device: str) -> Loaded:
     """A local checkpoint folder (config.json + weights + tokenizer), strictly offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    _quiet_transformers()
     if not Path(path).is_dir():
         raise FileNotFoundError(f"--model {path}: not a local folder (the lab never downloads)")
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -74,6 +81,7 @@ def load_or_pretrain(cfg: LabConfig, items: list[Item], cache_dir: Path | None =
     same configuration loads it in a second instead of training again."""
     from transformers import LlamaForCausalLM
     from .pretrain import pretrain
+    _quiet_transformers()
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     key = cfg.digest(LabConfig.PRETRAIN_KEYS, _items_digest(items))
     entry = cache_dir / f"tiny-llama-{key}"
