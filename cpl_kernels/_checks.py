@@ -50,7 +50,7 @@ def mask_words(op: str, name: str, m: Tensor, numel: int, like: Tensor) -> None:
     tensor(op, name, m, dtypes=(torch.int32,), like=like)
 
 
-def criterion(op: str, value: str, strict: bool) -> None:
+def criterion(op: str, value: str, strict: bool = True) -> None:
     if value not in CRITERIA:
         _fail(op, "criterion", f"must be one of {CRITERIA}, got {value!r}")
 

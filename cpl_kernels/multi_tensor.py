@@ -84,8 +84,11 @@ def cpl_adam_step_multi_(
             _scalar_tensor(op, "lr", lr, device), float(beta1), float(beta2), float(eps),
             float(weight_decay), bool(decoupled), criterion, bool(strict))
     step_f, lr_f = _scalar_float(step), _scalar_float(lr)
-    counts = [ops.cpl_adam_step_(p, g, m, v, c, step_f, lr_f, beta1, beta2, eps, weight_decay,
-                                 decoupled, criterion, strict)
+    check.hyper(op, step=step_f, lr=lr_f)
+    # Every tensor was validated above: call the backend directly, not the validating wrapper.
+    counts = [ops.kernel("cpl_adam_step_", p.device)(
+                  p, g, m, v, c, step_f, lr_f, float(beta1), float(beta2), float(eps),
+                  float(weight_decay), bool(decoupled), criterion, bool(strict))
               for p, g, m, v, c in zip(params, grads, exp_avgs, exp_avg_sqs, codes)]
     return torch.stack(counts)
 
@@ -129,8 +132,10 @@ def cpl_sgd_step_multi_(
             float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(init_buffer),
             criterion, bool(strict))
     lr_f = _scalar_float(lr)
-    counts = [ops.cpl_sgd_step_(p, g, b, c, lr_f, momentum, dampening, weight_decay, nesterov,
-                                init_buffer, criterion, strict)
+    check.hyper(op, lr=lr_f)
+    counts = [ops.kernel("cpl_sgd_step_", p.device)(
+                  p, g, b, c, lr_f, float(momentum), float(dampening), float(weight_decay),
+                  bool(nesterov), bool(init_buffer), criterion, bool(strict))
               for p, g, b, c in zip(params, grads, bufs, codes)]
     return torch.stack(counts)
 

@@ -13,7 +13,8 @@ from . import _checks as check
 from . import reference as ref
 
 
-def _impl(name: str, device: torch.device):
+def kernel(name: str, device: torch.device):
+    """The implementation of op `name` that serves `device` (no validation: callers check)."""
     backend = _backend.choose(device)
     if backend in ("cpp", "cuda"):
         return getattr(torch.ops.cpl, name)
@@ -39,7 +40,7 @@ def pack_signs_(src: Tensor, codes: Tensor | None = None) -> Tensor:
     if codes is None:
         codes = empty_codes(src)
     check.codes("pack_signs_", "codes", codes, src.numel(), like=src)
-    _impl("pack_signs_", src.device)(src, codes)
+    kernel("pack_signs_", src.device)(src, codes)
     return codes
 
 
@@ -49,7 +50,7 @@ def contribution_stats(a: Tensor, b: Tensor, mask_out: Tensor | None = None) -> 
     check.tensor("contribution_stats", "b", b, dtypes=check.PARAM_DTYPES, like=a, numel=a.numel())
     if mask_out is not None:
         check.mask_words("contribution_stats", "mask_out", mask_out, a.numel(), like=a)
-    return _impl("contribution_stats", a.device)(a, b, mask_out)
+    return kernel("contribution_stats", a.device)(a, b, mask_out)
 
 
 def contribution_stats_codes(a: Tensor, codes: Tensor, mask_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -58,7 +59,7 @@ def contribution_stats_codes(a: Tensor, codes: Tensor, mask_out: Tensor | None =
     check.codes("contribution_stats_codes", "codes", codes, a.numel(), like=a)
     if mask_out is not None:
         check.mask_words("contribution_stats_codes", "mask_out", mask_out, a.numel(), like=a)
-    return _impl("contribution_stats_codes", a.device)(a, codes, mask_out)
+    return kernel("contribution_stats_codes", a.device)(a, codes, mask_out)
 
 
 def cpl_adam_step_(
@@ -75,7 +76,7 @@ def cpl_adam_step_(
         check.codes(op, "codes", codes, param.numel(), like=param)
     check.criterion(op, criterion, strict)
     check.hyper(op, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-    return _impl(op, param.device)(param, grad, exp_avg, exp_avg_sq, codes, float(step), float(lr),
+    return kernel(op, param.device)(param, grad, exp_avg, exp_avg_sq, codes, float(step), float(lr),
                                    float(beta1), float(beta2), float(eps), float(weight_decay),
                                    bool(decoupled), criterion, bool(strict))
 
@@ -98,7 +99,7 @@ def cpl_sgd_step_(
     check.hyper(op, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError(f"cpl.{op}: argument 'nesterov' needs momentum > 0 and dampening == 0")
-    return _impl(op, param.device)(param, grad, momentum_buffer if momentum != 0 else None, codes,
+    return kernel(op, param.device)(param, grad, momentum_buffer if momentum != 0 else None, codes,
                                    float(lr), float(momentum), float(dampening), float(weight_decay),
                                    bool(nesterov), bool(init_buffer), criterion, bool(strict))
 
@@ -123,7 +124,7 @@ def masked_adamw_step_(
         raise ValueError(f"cpl.{op}: argument 'exp_avg' has {exp_avg.numel()} entries, more than "
                          f"'param' has elements ({param.numel()})")
     check.hyper(op, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-    _impl(op, param.device)(param, grad, mask_words, block_offsets, exp_avg, exp_avg_sq, float(step),
+    kernel(op, param.device)(param, grad, mask_words, block_offsets, exp_avg, exp_avg_sq, float(step),
                             float(lr), float(beta1), float(beta2), float(eps), float(weight_decay))
 
 

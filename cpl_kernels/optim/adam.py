@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
+from .. import multi_tensor
 from ._base import check_args, check_hyper, like_param, local
 from ._cpl import CODES_KEY, CPLOptimizer, check_criterion
 
@@ -45,7 +45,7 @@ class CPLAdam(CPLOptimizer):
         beta1, beta2 = group["betas"]
         lr, eps, wd = float(group["lr"]), group["eps"], group["weight_decay"]
         check_criterion(type(self).__name__, group["criterion"], group["strict"])
-        counts, numel = [], 0
+        buckets: dict[float, list] = {}  # one multi-tensor call per distinct step count
         for p, lp, lg in items:
             state = self.state[p]
             if "exp_avg" not in state:
@@ -54,10 +54,14 @@ class CPLAdam(CPLOptimizer):
                                                                   memory_format=torch.contiguous_format))
                 state["exp_avg_sq"] = like_param(p, torch.zeros_like(lp, dtype=torch.float32,
                                                                      memory_format=torch.contiguous_format))
-            step = float(state["step"]) + 1
-            counts.append(ops.cpl_adam_step_(
-                lp, lg, local(state["exp_avg"]), local(state["exp_avg_sq"]), state.get(CODES_KEY),
-                step, lr, beta1, beta2, eps, wd, self.DECOUPLED, group["criterion"], group["strict"]))
-            state["step"] += 1  # after the op: a rejected input leaves the count untouched
-            numel += lp.numel()
-        self._record(counts, numel)
+            buckets.setdefault(float(state["step"]) + 1, []).append((p, lp, lg, state))
+        counts = []
+        for step, bucket in buckets.items():
+            counts.append(multi_tensor.cpl_adam_step_multi_(
+                [lp for _, lp, _, _ in bucket], [lg for _, _, lg, _ in bucket],
+                [local(st["exp_avg"]) for *_, st in bucket], [local(st["exp_avg_sq"]) for *_, st in bucket],
+                [st.get(CODES_KEY) for *_, st in bucket], step, lr, beta1, beta2, eps, wd,
+                self.DECOUPLED, group["criterion"], group["strict"]).sum())
+            for *_, st in bucket:
+                st["step"] += 1  # after the op: a rejected input leaves the count untouched
+        self._record(counts, sum(lp.numel() for _, lp, _ in items))

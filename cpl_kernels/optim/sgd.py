@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
+from .. import multi_tensor
 from ._base import check_args, check_hyper, like_param, local
 from ._cpl import CODES_KEY, CPLOptimizer, check_criterion
 
@@ -35,7 +35,7 @@ class CPLSGD(CPLOptimizer):
     def _step_group(self, group, items) -> None:
         momentum = group["momentum"]
         check_criterion(type(self).__name__, group["criterion"], group["strict"])
-        counts, numel = [], 0
+        buckets: dict[bool, list] = {}  # first step (buffer = gradient) or not: one call each
         for p, lp, lg in items:
             state = self.state[p] if momentum != 0 else self.state.get(p, {})
             buf, init = None, False
@@ -45,11 +45,16 @@ class CPLSGD(CPLOptimizer):
                     init = True
                     buf = like_param(p, torch.zeros_like(lp, dtype=torch.float32,
                                                          memory_format=torch.contiguous_format))
-            counts.append(ops.cpl_sgd_step_(
-                lp, lg, None if buf is None else local(buf), state.get(CODES_KEY), float(group["lr"]),
-                momentum, group["dampening"], group["weight_decay"], group["nesterov"], init,
-                group["criterion"], group["strict"]))
+            buckets.setdefault(init, []).append((p, lp, lg, buf, state))
+        counts = []
+        for init, bucket in buckets.items():
+            counts.append(multi_tensor.cpl_sgd_step_multi_(
+                [lp for _, lp, *_ in bucket], [lg for _, _, lg, *_ in bucket],
+                [None if buf is None else local(buf) for *_, buf, _ in bucket] if momentum != 0 else None,
+                [st.get(CODES_KEY) for *_, st in bucket], float(group["lr"]), momentum,
+                group["dampening"], group["weight_decay"], group["nesterov"], init,
+                group["criterion"], group["strict"]).sum())
             if init:  # stored only after the op accepted it, like torch's lazy buffer
-                state["momentum_buffer"] = buf
-            numel += lp.numel()
-        self._record(counts, numel)
+                for p, _, _, buf, st in bucket:
+                    st["momentum_buffer"] = buf
+        self._record(counts, sum(lp.numel() for _, lp, _ in items))
