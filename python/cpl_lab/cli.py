@@ -10,7 +10,7 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from .config import METHODS, OPTIMIZERS, LabConfig, demo_config  # noqa: E402
+from .config import METHOD_HELP, METHODS, OPTIMIZERS, LabConfig, demo_config  # noqa: E402
 
 # flag -> (config field, type, help). Defaults shown in --help are the LabConfig defaults.
 _D = LabConfig()
@@ -70,8 +70,9 @@ _LISTS = {"methods": str, "lrs": float, "seeds": int}
 def _add(parser, title, specs):
     group = parser.add_argument_group(title)
     for flag, dest, typ, text in specs:
+        metavar = "A,B,..." if dest in _LISTS else {int: "N", float: "X"}.get(typ, dest.upper())
         group.add_argument(flag, dest=dest, type=str if dest in _LISTS else typ, default=None,
-                           help=text)
+                           metavar=metavar, help=text)
 
 
 def _common(p):
@@ -98,7 +99,9 @@ def parser() -> argparse.ArgumentParser:
                          "injection (answered wrong). Every method trains on the injection set with "
                          "the same batches and budget; learned/forgotten are measured per epoch, also "
                          "on held-out question templates (xp = cross-prompt).",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         epilog="methods:\n" + "\n".join(f"  {k:<12} {v}" for k, v in METHOD_HELP.items())
+                         + "\n\nexample: cpl inject --demo --lrs 3e-4,1e-3,3e-3 --seeds 0,1,2",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(inj)
     _add(inj, "injection", INJECT)
     inj.add_argument("--soft", action="store_true", help="criterion 'gradient' with strict=False: "

@@ -26,7 +26,7 @@ def inject_command(cfg: LabConfig, args) -> int:
     out = Path(args.out) if args.out else default_run_dir(prefix="demo" if args.demo else "inject")
     run = RunDir(out, cfg, resume=args.resume)  # refuses an existing run before any work is done
     print(f"run folder: {run.path}")
-    lab = prepare(run.cfg, args.cache_dir, progress=not args.no_progress)
+    lab = prepare(cfg, args.cache_dir, progress=not args.no_progress)
     cells = run_grid(lab, run, progress=not args.no_progress)
     meta = {"lab": lab.summary(), "memory": cells[-1]["memory"] if cells else None,
             "torch": torch.__version__, "threads": torch.get_num_threads(),

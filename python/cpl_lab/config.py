@@ -6,7 +6,17 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-METHODS = ("ft", "cpl", "cpl-once", "random", "random-once", "agem", "replay", "lora")
+METHOD_HELP = {
+    "ft": "plain fine-tuning on the injection set (torch.optim)",
+    "cpl": "CPL optimizer, reference per step or per epoch (--reference), --criterion",
+    "cpl-once": "CPL mask computed once at the start, MaskedAdamW (compact state)",
+    "random": "random mask re-drawn every step, frozen fraction matched to CPL's",
+    "random-once": "random static mask with cpl-once's per-tensor sparsity, MaskedAdamW",
+    "agem": "A-GEM: project the gradient when it conflicts with a mastered batch's",
+    "replay": "each step also trains on a random batch of mastered in-set questions",
+    "lora": "LoRA (peft) on every linear layer",
+}
+METHODS = tuple(METHOD_HELP)
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 
 

@@ -18,12 +18,13 @@ def answer_logits(model, batch: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
 
     Left padding puts every answer at the end, so only K + 1 positions need the LM head."""
     k = batch.answer_width
-    mask = batch.attention_mask
+    device = next(model.parameters()).device  # encoded sets live on the CPU
+    mask = batch.attention_mask.to(device)
     # Left padding: positions count real tokens only, as if the row were unpadded.
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=position_ids,
-                logits_to_keep=k + 1)
-    return out.logits[:, :-1].float(), batch.labels[:, -k:]
+    out = model(input_ids=batch.input_ids.to(device), attention_mask=mask,
+                position_ids=position_ids, logits_to_keep=k + 1)
+    return out.logits[:, :-1].float(), batch.labels[:, -k:].to(device)
 
 
 def per_row_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -42,8 +43,9 @@ def batch_loss(model, batch: Encoded) -> torch.Tensor:
 def _row_correct(logits, labels, batch: Encoded) -> torch.Tensor:
     if batch.options is not None:
         first = (labels != -100).float().argmax(1)  # first answer token of each row
-        at = logits[torch.arange(len(batch)), first]  # [B, V]
-        return at.gather(1, batch.options).argmax(1) == batch.target
+        at = logits[torch.arange(len(batch), device=logits.device), first]  # [B, V]
+        options, target = batch.options.to(logits.device), batch.target.to(logits.device)
+        return at.gather(1, options).argmax(1) == target
     valid = labels != -100
     return ((logits.argmax(-1) == labels) | ~valid).all(1)
 
@@ -56,8 +58,8 @@ def score(model, enc: Encoded, chunk: int = 256) -> tuple[torch.Tensor, torch.Te
     correct, losses = [], []
     for batch in enc.batches(chunk):
         logits, labels = answer_logits(model, batch)
-        correct.append(_row_correct(logits, labels, batch))
-        losses.append(per_row_loss(logits, labels))
+        correct.append(_row_correct(logits, labels, batch).cpu())
+        losses.append(per_row_loss(logits, labels).cpu())
     model.train(was_training)
     if not correct:
         return torch.zeros(0, dtype=torch.bool), torch.zeros(0)

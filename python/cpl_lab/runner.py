@@ -72,7 +72,9 @@ def frozen_by_epoch(cell: dict | None) -> dict | None:
 
 
 def run_grid(lab: Lab, run: RunDir, progress: bool = True, log=print) -> list[dict]:
-    cfg = run.cfg
+    """Runs the grid asked for this time (lab.cfg: methods x lrs x seeds), skipping cells the run
+    folder already holds. The folder's config.json records the union of every grid run in it."""
+    cfg = lab.cfg
     methods = sorted(cfg.methods, key=ORDER.index)
     cells = [(m, lr, s) for lr in cfg.lrs for s in cfg.seeds for m in methods]
     out = []

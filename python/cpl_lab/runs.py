@@ -58,6 +58,7 @@ class RunDir:
             if diff:
                 raise RunExists(f"cannot resume {self.path}: its configuration differs in "
                                 + ", ".join(f"{k} ({getattr(old, k)!r} -> {getattr(cfg, k)!r})" for k in diff))
+            # The stored grid is the union of every grid run here; this invocation runs its own.
             merged = cfg.as_dict()
             for key in ("methods", "lrs", "seeds"):  # a resume may extend the grid, never shrink it
                 merged[key] = list(dict.fromkeys(getattr(old, key) + getattr(cfg, key)))

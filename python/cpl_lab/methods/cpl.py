@@ -70,7 +70,9 @@ class RandomMask(Method):
         # Frozen fraction is counted over all elements; only elements with g != 0 can freeze.
         p = min(1.0, self.target * total / max(nonzero, 1))
         gen = self.ctx.generator
-        return [-torch.sign(g) * (torch.rand(g.shape, generator=gen) < p).to(g.dtype) for g in grads]
+        # Drawn on the CPU generator (reproducible on any device), then moved next to g.
+        return [-torch.sign(g) * (torch.rand(g.shape, generator=gen) < p).to(g.device, g.dtype)
+                for g in grads]
 
     def step(self, batch):
         loss = self.backward(batch)
