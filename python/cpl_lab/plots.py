@@ -5,6 +5,11 @@ from collections import defaultdict
 from pathlib import Path
 
 from .report import final_rows
+from .runner import ORDER
+
+
+def _color(method: str) -> str:
+    return f"C{ORDER.index(method) % 10}"  # one colour per method in every plot
 
 
 def _plt():
@@ -37,9 +42,9 @@ def curves(cells: list[dict], path: Path) -> list[Path]:
     for lr in sorted({c["lr"] for c in cells}):
         data = _mean_curves(cells, lr)
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-        for method, (epochs, ys) in data.items():
+        for method, (epochs, ys) in sorted(data.items(), key=lambda kv: ORDER.index(kv[0])):
             for ax, key in zip(axes, ("learned", "forgotten_in", "forgotten_out")):
-                ax.plot(epochs, ys[key], marker=".", label=method)
+                ax.plot(epochs, ys[key], marker=".", label=method, color=_color(method))
         r = cells[0]["rows"][0]
         titles = (f"learned (of {r['n_inject']} injected)",
                   f"forgotten, in-set (of {r['n_mastered_in']}, seen by the reference)",
@@ -65,7 +70,8 @@ def sweep(cells: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for method in dict.fromkeys(r["method"] for r in rows):
         pts = sorted((r["lr"], r["forgotten"], r["learned"]) for r in rows if r["method"] == method)
-        ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", label=method)
+        ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", label=method,
+                color=_color(method))
         for lr, x, y in pts:
             ax.annotate(f"{lr:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("forgotten (mastered questions now wrong)")
