@@ -19,7 +19,6 @@ from cpl_kernels import analysis
 
 from .config import LabConfig
 from .lab import prepare
-from .methods.base import loss_fn
 from .methods.static import mean_grads
 from .runner import run_cell
 
