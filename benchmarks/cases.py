@@ -1,0 +1,156 @@
+"""The benchmark rows, built on identical model-shaped tensors per size (benchmarks/common.py).
+
+Bytes counted per parameter element (the DESIGN.md section 5 convention: what one fused pass must
+move, not what an implementation happens to move):
+  AdamW fp32            28     read p, g, m, v; write p, m, v
+  CPL Adam/AdamW fp32   28.25  + 2-bit sign codes (read)
+  CPL AdamW bf16 params 22.25  p, g 2 B each (p read + write), m, v fp32, codes
+  CPL SGD momentum      20.25  read p, g, buf; write p, buf; codes
+  paper-style eager     32     AdamW's 28 + the fp32 reference read (its real traffic is higher:
+                               temporaries; that is the point of the comparison)
+  MaskedAdamW           12 * L + 16 * f + 0.133, L = fraction of 64-byte lines of p holding an
+                        active element (measured from the mask), f = active fraction; p read and
+                        written and g read by whole lines, compact m, v, the mask bits and offsets
+  pack_signs_ (fp32)    4.25   read src, write codes
+  contribution_stats    8.125  read a, b, write the mask (codes variant: 4 + 0.25 + 0.125)
+State bytes per parameter come from each optimizer's own state tensors (state_bytes()).
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+
+import cpl_kernels
+from cpl_kernels import ops
+from cpl_kernels.optim import CPLAdam, CPLAdamW, CPLSGD, MaskedAdamW, state_bytes
+
+from .common import Case, clone_params, lines_touched, make_params, reference_grads
+from .paper_style import PaperStyleCPLAdamW
+
+MASK_FRACTIONS = (0.1, 0.3, 0.5, 1.0)
+
+
+@contextmanager
+def backend(name: str | None):
+    """CPL_BACKEND while a step runs (read per call by cpl_kernels._backend)."""
+    old = os.environ.get("CPL_BACKEND")
+    if name:
+        os.environ["CPL_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("CPL_BACKEND", None)
+        else:
+            os.environ["CPL_BACKEND"] = old
+
+
+def _numel(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def _stepper(opt, backend_name: str | None = None):
+    def run():
+        with backend(backend_name):
+            opt.step()
+    opt.step() if backend_name is None else run()  # allocate state before timing
+    return run
+
+
+def torch_cases(base) -> list[Case]:
+    n = _numel(base)
+    out = []
+    for kind in ("fused", "foreach"):
+        opt = torch.optim.AdamW(clone_params(base), lr=1e-3, **{kind: True})
+        out.append(Case(f"torch AdamW {kind}=True", "adamw", _stepper(opt), 28.0, state_bytes(opt) / n, n))
+    return out
+
+
+def cpl_cases(base, refs, with_reference_backend: bool) -> list[Case]:
+    """CPL optimizers with a reference set, so the CPL path (codes) runs."""
+    n = _numel(base)
+    out = []
+
+    def cpl(name, cls, params, nbytes, backend_name="cpp", note="", **kw):
+        opt = cls(params, **kw)
+        opt.set_reference_from_grads([r.to(p.dtype) for p, r in zip(params, refs)])
+        out.append(Case(name, "cpl", _stepper(opt, backend_name), nbytes, opt.state_bytes() / n, n, note=note,
+                        rounds=3 if backend_name == "reference" else None))
+        return opt
+
+    cpl("CPLAdamW cpp fp32", CPLAdamW, clone_params(base), 28.25, check_finite=False,
+        note="check_finite=False (torch's fused AdamW has no such pass)")
+    cpl("CPLAdamW cpp fp32, check_finite=True", CPLAdamW, clone_params(base), 28.25,
+        note="default: + one inf-norm read of every gradient (4 B/param)")
+    bf16 = [p.detach().to(torch.bfloat16).requires_grad_() for p in base]
+    for p, q in zip(bf16, base):
+        p.grad = q.grad.to(torch.bfloat16)
+    cpl("CPLAdamW cpp bf16 params", CPLAdamW, bf16, 22.25, check_finite=False, note="fp32 state")
+    cpl("CPLAdam cpp fp32", CPLAdam, clone_params(base), 28.25, check_finite=False)
+    cpl("CPLSGD momentum cpp fp32", CPLSGD, clone_params(base), 20.25, check_finite=False, lr=1e-3, momentum=0.9)
+    if with_reference_backend:
+        cpl("CPLAdamW reference fp32", CPLAdamW, clone_params(base), 28.25, backend_name="reference",
+            check_finite=False, note="pure-PyTorch oracle backend")
+    paper = PaperStyleCPLAdamW(clone_params(base))
+    paper.set_reference(refs)
+    paper.step()
+    out.append(Case("paper-style eager CPL AdamW", "cpl", paper.step, 32.0, paper.state_bytes() / n, n,
+                    note="fp32 reference copy + full-size temporaries"))
+    return out
+
+
+def random_mask(p: torch.Tensor, frac: float, gen: torch.Generator) -> torch.Tensor:
+    return torch.rand(p.shape, generator=gen) < frac
+
+
+def row_mask(p: torch.Tensor, frac: float, gen: torch.Generator) -> torch.Tensor:
+    """Whole rows (output neurons) active; 1-D tensors by element."""
+    if p.dim() < 2:
+        return random_mask(p, frac, gen)
+    rows = torch.rand(p.shape[0], generator=gen) < frac
+    return rows[:, None].expand(p.shape).contiguous()
+
+
+def masked_cases(base, fractions=MASK_FRACTIONS, structured=(0.3,)) -> list[Case]:
+    n = _numel(base)
+    out = []
+    gen = torch.Generator().manual_seed(3)
+    plans = [("random", f, random_mask) for f in fractions] + [("rows", f, row_mask) for f in structured]
+    for kind, frac, make in plans:
+        params = clone_params(base)
+        masks = [make(p, frac, gen) for p in params]
+        flat = torch.cat([m.reshape(-1) for m in masks])
+        lines = sum(lines_touched(m, 16) * m.numel() for m in masks) / n
+        nbytes = 12 * lines + 16 * float(flat.float().mean()) + 0.133
+        opt = MaskedAdamW(params, masks, check_finite=False)
+        out.append(Case(f"MaskedAdamW {int(frac * 100)}% active ({kind})", "masked", _stepper(opt), nbytes,
+                        opt.state_bytes() / n, n, note=f"{kind} mask, {float(flat.float().mean()):.3f} active"))
+    return out
+
+
+def pack_stats_cases(base, refs) -> list[Case]:
+    a = torch.cat([p.grad.reshape(-1) for p in base]).float()
+    b = torch.cat([r.reshape(-1) for r in refs]).float()
+    n = a.numel()
+    codes = ops.pack_signs_(b)
+    mask = ops.empty_mask(a)
+    return [
+        Case("pack_signs_ (fp32 -> 2-bit codes)", "ops", lambda: ops.pack_signs_(a, codes), 4.25, None, n),
+        Case("contribution_stats(a, b, mask)", "ops", lambda: ops.contribution_stats(a, b, mask), 8.125, None, n),
+        Case("contribution_stats_codes(a, codes, mask)", "ops",
+             lambda: ops.contribution_stats_codes(a, codes, mask), 4.375, None, n),
+    ]
+
+
+def all_cases(total: int, small: bool) -> list[Case]:
+    """Every row for one size; the reference backend and the mask sweep only at the small size."""
+    assert cpl_kernels.native_loaded(), "cpl_kernels._C is not built: pip install --no-build-isolation -e ."
+    base = make_params(total)
+    refs = reference_grads(base)
+    cases = torch_cases(base) + cpl_cases(base, refs, with_reference_backend=small)
+    cases += masked_cases(base) if small else masked_cases(base, fractions=(0.3,), structured=())
+    if small:
+        cases += pack_stats_cases(base, refs)
+    return cases
