@@ -1,0 +1,144 @@
+"""Peak memory of one full training step (forward, backward, optimizer step) of a random-init Llama,
+for torch AdamW, the paper-style eager CPL and CPLAdamW: `python -m benchmarks.peak_memory`.
+
+How it is measured, and why: each (model, optimizer) runs in a fresh subprocess. It builds the
+model, sets the CPL reference from a "mastered" batch (CPLAdamW: 2-bit codes; paper-style: fp32
+gradient copies), runs one warm-up step (so the optimizer state exists, as in training), then resets
+the kernel's peak-RSS counter (writing 5 to /proc/self/clear_refs resets VmHWM) and runs the
+measured step; the peak is VmHWM from /proc/self/status. CPU tensors are allocated straight from
+malloc (torch has no caching allocator on CPU), so resident memory is what the step really holds;
+ru_maxrss cannot be reset and would include import-time and warm-up peaks, so it is only the
+fallback where clear_refs is not writable. The same import, model and data in every subprocess
+make the differences between optimizers meaningful; "extra" is the peak minus torch AdamW's.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+
+MODELS = {
+    # DESIGN.md section 6's lab model: 348,800 params (tied embeddings).
+    "llama-small": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=4, vocab_size=160, tie_word_embeddings=True, batch=32, seq=16),
+    # ~96M params, random init.
+    "llama-100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=10, num_attention_heads=12,
+                       num_key_value_heads=12, vocab_size=16384, batch=2, seq=128),
+}
+OPTIMIZERS = ("adamw", "paper", "cpladamw")
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def child(model_name: str, optimizer: str) -> dict:
+    import resource
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpl_kernels.optim import CPLAdamW
+    from .paper_style import PaperStyleCPLAdamW
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    spec = dict(MODELS[model_name])
+    batch, seq = spec.pop("batch"), spec.pop("seq")
+    model = LlamaForCausalLM(LlamaConfig(**spec, max_position_embeddings=seq))
+    n = sum(p.numel() for p in model.parameters())
+    params = list(model.parameters())
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    elif optimizer == "paper":
+        opt = PaperStyleCPLAdamW(params, lr=1e-4)
+    else:
+        opt = CPLAdamW(params, lr=1e-4)
+    gen = torch.Generator().manual_seed(1)
+    mastered = torch.randint(0, spec["vocab_size"], (batch, seq), generator=gen)
+    inject = torch.randint(0, spec["vocab_size"], (batch, seq), generator=gen)
+
+    def train_step():
+        model(input_ids=inject, labels=inject).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if optimizer != "adamw":  # the mastered reference, once (as the paper: per epoch)
+        model(input_ids=mastered, labels=mastered).loss.backward()
+        opt.set_reference() if optimizer == "paper" else opt.set_reference_from_grads()
+        opt.zero_grad(set_to_none=True)
+    train_step()  # warm-up: optimizer state allocated
+    before = _rss_kib("VmRSS")
+    exact = _reset_peak()
+    train_step()
+    peak = _rss_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return dict(model=model_name, optimizer=optimizer, params=n, rss_before_mib=round(before / 1024, 1),
+                peak_mib=round(peak / 1024, 1), method="VmHWM after clear_refs" if exact else "ru_maxrss")
+
+
+def run_all(models=tuple(MODELS), optimizers=OPTIMIZERS) -> list[dict]:
+    rows = []
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for m in models:
+        for o in optimizers:
+            print(f"peak memory: {m} / {o} ...", flush=True)
+            out = subprocess.run([sys.executable, "-m", "benchmarks.peak_memory", "--child", m, o], cwd=root,
+                                 capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        base = next(r for r in rows if r["model"] == m and r["optimizer"] == "adamw")
+        for r in rows:
+            if r["model"] == m:
+                extra = r["peak_mib"] - base["peak_mib"]
+                r["extra_mib"] = round(extra, 1)
+                r["extra_b_per_param"] = round(extra * 2**20 / r["params"], 3)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | params | optimizer | peak RSS MiB (step) | extra vs torch AdamW MiB | extra B/param |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['optimizer']} | {r['peak_mib']} | {r['extra_mib']} | "
+                     f"{r['extra_b_per_param']} |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", nargs=2, metavar=("MODEL", "OPTIMIZER"), help=argparse.SUPPRESS)
+    ap.add_argument("--models", default=",".join(MODELS))
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child)))
+        return
+    print(table(run_all(models=tuple(args.models.split(",")))))
+
+
+if __name__ == "__main__":
+    main()
