@@ -1,6 +1,16 @@
 // Fused CPL Adam / AdamW step (DESIGN.md section 1), fp32 math whatever the param dtype.
+// The loop itself is adam_kernel.h; this file validates, picks the ISA, rule and decay mode.
+//
+// Measured (2-core AMD EPYC, AVX2, 2 threads, 16M fp32, codes set, criterion "update"; plain g++
+// microbenchmark of the kernel, medians, machine shared with other jobs, so ratios to an
+// in-place x *= c stream of 64M fp32 run in the same process):
+//   original per-element lambda (branches on random codes, scalar):  775 ms,   7% of the stream
+//   branch-free, SSE2 baseline build:                                 66 ms,  72%
+//   branch-free, AVX2 clone (picked at run time):                     48 ms,  98%
+// bf16 params (22.25 B/param): SSE2 88 ms -> AVX2 48 ms.
 #include <cmath>
 
+#include "adam_kernel.h"
 #include "cpl_step.h"
 
 namespace cpl {
@@ -8,37 +18,15 @@ namespace cpu {
 
 namespace {
 
-struct AdamHyper {
-  float lr, beta1, beta2, one_minus_beta1, one_minus_beta2, bias_correction1, bias_correction2_sqrt,
-      eps, weight_decay;
-  bool l2;         // Adam: weight decay added to the gradient
-  bool decoupled;  // AdamW: weight decay added to the update direction
-  bool strict;
-};
-
-template <typename T, bool kHasCodes, bool kGradient>
-int64_t adam_step(T* param, const T* grad, float* m, float* v, const uint32_t* codes, int64_t n,
-                  const AdamHyper h) {
-  return for_each_element<kHasCodes>(n, codes, [&](int64_t i, uint32_t code) -> int64_t {
-    const float p = load(param, i);
-    float g = load(grad, i);
-    if (h.l2) g += h.weight_decay * p;
-    bool conflicting = false;
-    if (kGradient) {
-      conflicting = conflicts(g, code);
-      g = conflicting ? 0.f : g;  // the state only ever sees collaborative gradient
-    }
-    const float mi = m[i] * h.beta1 + h.one_minus_beta1 * g;
-    const float vi = v[i] * h.beta2 + h.one_minus_beta2 * g * g;
-    m[i] = mi;
-    v[i] = vi;
-    float u = (mi / h.bias_correction1) / (std::sqrt(vi) / h.bias_correction2_sqrt + h.eps);
-    if (h.decoupled) u += h.weight_decay * p;
-    if (kHasCodes && !kGradient) conflicting = conflicts(u, code);
-    const bool apply = !conflicting || (kGradient && !h.strict);
-    store(param, i, apply ? p - h.lr * u : p);
-    return conflicting;
-  });
+template <typename T, int kRule, int kWd>
+int64_t adam_step(const AdamArgs<T>& a, int64_t n) {
+  const bool avx2 = cpu_has_avx2();
+  return run_words(
+      n,
+      [&](int64_t w0, int64_t w1) {
+        return avx2 ? adam_words_avx2<T, kRule, kWd>(a, w0, w1) : adam_words_base<T, kRule, kWd>(a, w0, w1);
+      },
+      [&](int64_t i0) { return adam_tail<T, kRule, kWd>(a, i0, n); });
 }
 
 }  // namespace
@@ -63,19 +51,21 @@ at::Tensor cpl_adam_step_(const at::Tensor& param, const at::Tensor& grad, const
                     static_cast<float>(1.0 - std::pow(beta1, step)),
                     static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step))),
                     static_cast<float>(eps),
-                    static_cast<float>(weight_decay),
-                    !decoupled && weight_decay != 0.0,
-                    decoupled && weight_decay != 0.0,
-                    strict};
+                    static_cast<float>(weight_decay)};
+  const int wd_mode = weight_decay == 0.0 ? kNoDecay : (decoupled ? kDecoupledDecay : kL2Decay);
   float* m = exp_avg.mutable_data_ptr<float>();
   float* v = exp_avg_sq.mutable_data_ptr<float>();
+  const Criterion crit = parse_criterion(std::string(criterion));
   const int64_t conflicting = CPL_DISPATCH_PARAM_TYPES(param.scalar_type(), op, [&] {
-    scalar_t* p = param.mutable_data_ptr<scalar_t>();
-    const scalar_t* g = grad.const_data_ptr<scalar_t>();
-    return dispatch_rule(code_words != nullptr, parse_criterion(std::string(criterion)),
-                         [&]<bool kHasCodes, bool kGradient>() {
-                           return adam_step<scalar_t, kHasCodes, kGradient>(p, g, m, v, code_words, n, h);
-                         });
+    const AdamArgs<scalar_t> a{param.mutable_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), m, v,
+                               code_words, h};
+    return dispatch_rule(code_words != nullptr, crit, strict, [&]<int kRule>() {
+      switch (wd_mode) {
+        case kL2Decay: return adam_step<scalar_t, kRule, kL2Decay>(a, n);
+        case kDecoupledDecay: return adam_step<scalar_t, kRule, kDecoupledDecay>(a, n);
+        default: return adam_step<scalar_t, kRule, kNoDecay>(a, n);
+      }
+    });
   });
   return count_tensor(conflicting);
 }
