@@ -77,7 +77,7 @@ def cpl_cases(base, refs, with_reference_backend: bool) -> list[Case]:
         opt = cls(params, **kw)
         opt.set_reference_from_grads([r.to(p.dtype) for p, r in zip(params, refs)])
         out.append(Case(name, "cpl", _stepper(opt, backend_name), nbytes, opt.state_bytes() / n, n, note=note,
-                        rounds=3 if backend_name == "reference" else None))
+                        rounds=2 if backend_name == "reference" else None))
         return opt
 
     cpl("CPLAdamW cpp fp32", CPLAdamW, clone_params(base), 28.25, check_finite=False,

@@ -99,7 +99,7 @@ def time_once(fn: Callable[[], object]) -> float:
 def run_interleaved(cases: list[Case], rounds: int, warmup: int = 1) -> None:
     """Runs every case once per round (after `warmup` untimed calls), appending to case.times."""
     for c in cases:
-        for _ in range(warmup):
+        for _ in range(warmup if c.rounds is None else 0):  # slow cases: their setup step warmed up
             c.run()
     for r in range(rounds):
         for c in cases:
