@@ -83,7 +83,7 @@ def cpl_cases(base, refs, with_reference_backend: bool) -> list[Case]:
     cpl("CPLAdamW cpp fp32", CPLAdamW, clone_params(base), 28.25, check_finite=False,
         note="check_finite=False (torch's fused AdamW has no such pass)")
     cpl("CPLAdamW cpp fp32, check_finite=True", CPLAdamW, clone_params(base), 28.25,
-        note="default: + one inf-norm read of every gradient (4 B/param)")
+        note="default: + the non-finite check, one more read of every gradient (4 B/param)")
     bf16 = [p.detach().to(torch.bfloat16).requires_grad_() for p in base]
     for p, q in zip(bf16, base):
         p.grad = q.grad.to(torch.bfloat16)
