@@ -3,7 +3,8 @@
 On CUDA tensors with the native kernels built, one `torch.ops.cpl.*_multi_` call updates all
 tensors in a bounded number of launches per dtype (tensor tables as torch's fused optimizers),
 reading lr and step from device tensors so the whole step can be captured in a CUDA graph.
-Everywhere else (CPU, Triton) the step loops over the single-tensor ops in cpl_kernels.ops;
+On CPU tensors the native op is a C++ loop over the single-tensor kernels (one dispatcher call).
+Everywhere else (Triton, reference) the step loops over the single-tensor ops in Python;
 the Triton path is that loop for now (one launch per tensor, lr/step read on the host), not a
 multi-tensor Triton kernel.
 
@@ -49,7 +50,10 @@ def _scalar_float(x) -> float:
 
 
 def _native_multi(op: str, device: torch.device) -> bool:
-    return _backend.choose(device) == "cuda" and hasattr(torch.ops.cpl, op)
+    """The native multi-tensor op serves this device: CUDA (tensor tables) or CPU (a C++ loop)."""
+    key = {"cuda": "CUDA", "cpp": "CPU"}.get(_backend.choose(device))
+    return key is not None and _backend.native_loaded() and \
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"cpl::{op}", key)
 
 
 def cpl_adam_step_multi_(
