@@ -1,9 +1,10 @@
 """Builds cpl_kernels._C.
 
 Build flags live here and only here:
-  * C++ CPU kernels are always built: -O3, OpenMP (-fopenmp), C++20 (template lambdas). The hot loops carry
-    their own `target_clones` attributes, so one binary runs AVX2/AVX-512 code where the CPU has
-    it and baseline x86-64 code elsewhere (no -march=native: the wheel must run on any x86-64).
+  * C++ CPU kernels are always built: -O3, OpenMP (-fopenmp), C++20 (template lambdas). The hot
+    loops are compiled twice, for baseline x86-64 and with `__attribute__((target("avx2")))`, and
+    picked at run time by __builtin_cpu_supports (csrc/cpu/simd.h): one binary runs AVX2 code
+    where the CPU has it (no -march=native: the build must run on any x86-64).
   * CUDA kernels (csrc/cuda) are built when the toolchain is there: a CUDA build of torch
     (torch.version.cuda) and nvcc. Never decided by probing for a GPU.
     CPL_BUILD_CUDA=1 forces them (fails loudly without the toolchain), CPL_BUILD_CUDA=0 skips them.
