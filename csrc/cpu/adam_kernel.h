@@ -7,6 +7,7 @@
 
 #include <cmath>
 
+#include "adam_math.h"
 #include "simd.h"
 
 namespace cpl {
@@ -15,10 +16,6 @@ namespace cpu {
 enum WeightDecay : int { kNoDecay = 0, kL2Decay = 1, kDecoupledDecay = 2 };
 
 
-struct AdamHyper {
-  float lr, beta1, beta2, one_minus_beta1, one_minus_beta2, bias_correction1, bias_correction2_sqrt,
-      eps, weight_decay;
-};
 
 template <typename T>
 struct AdamArgs {
@@ -43,11 +40,7 @@ CPL_INLINE int32_t adam_element(T* __restrict param, const T* __restrict grad, f
     conflicting = conflicts_sign(g, sign);
     g = conflicting ? 0.f : g;  // the state only ever sees collaborative gradient
   }
-  const float mi = m[i] * h.beta1 + h.one_minus_beta1 * g;
-  const float vi = v[i] * h.beta2 + h.one_minus_beta2 * g * g;
-  m[i] = mi;
-  v[i] = vi;
-  float u = (mi / h.bias_correction1) / (std::sqrt(vi) / h.bias_correction2_sqrt + h.eps);
+  float u = adam_direction(g, m, v, i, h);
   if constexpr (kWd == kDecoupledDecay) u += h.weight_decay * p;
   if constexpr (kRule == kUpdateRule) conflicting = conflicts_sign(u, sign);
   const bool frozen = kRule == kGradientSoft ? false : conflicting;

@@ -43,15 +43,7 @@ at::Tensor cpl_adam_step_(const at::Tensor& param, const at::Tensor& grad, const
   check_exact(exp_avg_sq, op, "exp_avg_sq", at::kFloat, n);
   TORCH_CHECK(step >= 1, "cpl.", op, ": argument 'step' counts from 1, got ", step);
   const uint32_t* code_words = codes_ptr(codes, n, op);
-  const AdamHyper h{static_cast<float>(lr),
-                    static_cast<float>(beta1),
-                    static_cast<float>(beta2),
-                    static_cast<float>(1.0 - beta1),
-                    static_cast<float>(1.0 - beta2),
-                    static_cast<float>(1.0 - std::pow(beta1, step)),
-                    static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step))),
-                    static_cast<float>(eps),
-                    static_cast<float>(weight_decay)};
+  const AdamHyper h = make_adam_hyper(step, lr, beta1, beta2, eps, weight_decay);
   const int wd_mode = weight_decay == 0.0 ? kNoDecay : (decoupled ? kDecoupledDecay : kL2Decay);
   float* m = exp_avg.mutable_data_ptr<float>();
   float* v = exp_avg_sq.mutable_data_ptr<float>();

@@ -17,6 +17,7 @@
 // bandwidth floor for random masks. Row-structured masks move 0.3 * 28 B.
 #include <cmath>
 
+#include "adam_math.h"
 #include "common.h"
 #include "simd.h"
 
@@ -25,19 +26,9 @@ namespace cpu {
 
 namespace {
 
-struct MaskedHyper {
-  float lr, beta1, beta2, one_minus_beta1, one_minus_beta2, bias_correction1, bias_correction2_sqrt, eps,
-      weight_decay;
-};
-
 CPL_INLINE float masked_update(float p, float g, float* __restrict m, float* __restrict v, int64_t j,
-                               const MaskedHyper& h) {
-  const float mi = m[j] * h.beta1 + h.one_minus_beta1 * g;
-  const float vi = v[j] * h.beta2 + h.one_minus_beta2 * g * g;
-  m[j] = mi;
-  v[j] = vi;
-  const float u = (mi / h.bias_correction1) / (std::sqrt(vi) / h.bias_correction2_sqrt + h.eps) + h.weight_decay * p;
-  return p - h.lr * u;
+                               const AdamHyper& h) {
+  return p - h.lr * (adam_direction(g, m, v, j, h) + h.weight_decay * p);
 }
 
 template <typename T>
@@ -49,7 +40,7 @@ struct MaskedArgs {
   float* m;
   float* v;
   int64_t n, active;
-  MaskedHyper h;
+  AdamHyper h;
 };
 
 // Blocks [b0, b1).
@@ -59,7 +50,7 @@ CPL_INLINE void masked_blocks(const MaskedArgs<T>& a, int64_t b0, int64_t b1) {
   const T* __restrict g = a.grad;
   float* __restrict m = a.m;
   float* __restrict v = a.v;
-  const MaskedHyper h = a.h;
+  const AdamHyper h = a.h;
   constexpr int64_t kWordsPerBlock = kOffsetBlock / kBitsPerWord;
   const int64_t words = ceil_div(a.n, kBitsPerWord);
   alignas(64) uint16_t idx[kOffsetBlock];
@@ -116,15 +107,7 @@ void masked_adamw_step_(const at::Tensor& param, const at::Tensor& grad, const a
   check_exact(exp_avg_sq, op, "exp_avg_sq", at::kFloat, active);
   TORCH_CHECK(step >= 1, "cpl.", op, ": argument 'step' counts from 1, got ", step);
 
-  const MaskedHyper h{static_cast<float>(lr),
-                      static_cast<float>(beta1),
-                      static_cast<float>(beta2),
-                      static_cast<float>(1.0 - beta1),
-                      static_cast<float>(1.0 - beta2),
-                      static_cast<float>(1.0 - std::pow(beta1, step)),
-                      static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step))),
-                      static_cast<float>(eps),
-                      static_cast<float>(weight_decay)};
+  const AdamHyper h = make_adam_hyper(step, lr, beta1, beta2, eps, weight_decay);
   // Bits past n in the last word would address elements that do not exist: refuse them once here,
   // so that the kernel can trust every set bit (a block with 1024 set bits then lies inside n).
   const uint32_t* mask = reinterpret_cast<const uint32_t*>(mask_words.const_data_ptr<int32_t>());

@@ -1,22 +1,11 @@
 // CPU multi-tensor steps: the single-tensor kernels in a C++ loop, so a model step is one
 // dispatcher call instead of one per tensor (measured on a 21-tensor, 527K-param model: the
 // per-tensor Python + dispatch overhead was ~0.06 ms a tensor, more than the kernels' work).
-#include <torch/library.h>
-
 #include "common.h"
+#include "ops.h"
 
 namespace cpl {
 namespace cpu {
-
-at::Tensor cpl_adam_step_(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
-                          const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& codes,
-                          double step, double lr, double beta1, double beta2, double eps,
-                          double weight_decay, bool decoupled, c10::string_view criterion, bool strict);
-at::Tensor cpl_sgd_step_(const at::Tensor& param, const at::Tensor& grad,
-                         const std::optional<at::Tensor>& momentum_buffer,
-                         const std::optional<at::Tensor>& codes, double lr, double momentum,
-                         double dampening, double weight_decay, bool nesterov, bool init_buffer,
-                         c10::string_view criterion, bool strict);
 
 namespace {
 
@@ -85,8 +74,3 @@ at::Tensor cpl_sgd_step_multi_(at::TensorList params, at::TensorList grads, at::
 
 }  // namespace cpu
 }  // namespace cpl
-
-TORCH_LIBRARY_IMPL(cpl, CPU, m) {
-  m.impl("cpl_adam_step_multi_", &cpl::cpu::cpl_adam_step_multi_);
-  m.impl("cpl_sgd_step_multi_", &cpl::cpu::cpl_sgd_step_multi_);
-}
