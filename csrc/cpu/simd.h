@@ -125,5 +125,18 @@ CPL_INLINE float keep_unless(float x, bool drop) {
   return out;
 }
 
+// `take_a ? a : b` as bit masks, for a condition GCC cannot prove uniform: written as a ternary
+// inside an `omp simd` reduction loop it becomes a branch and the loop stays scalar.
+CPL_INLINE float select_bits(bool take_a, float a, float b) {
+  uint32_t ua, ub;
+  std::memcpy(&ua, &a, sizeof ua);
+  std::memcpy(&ub, &b, sizeof ub);
+  const uint32_t mask = 0u - static_cast<uint32_t>(take_a);
+  const uint32_t out_bits = (ua & mask) | (ub & ~mask);
+  float out;
+  std::memcpy(&out, &out_bits, sizeof out);
+  return out;
+}
+
 }  // namespace cpu
 }  // namespace cpl
