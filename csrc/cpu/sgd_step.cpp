@@ -61,23 +61,9 @@ CPL_INLINE int64_t sgd_words(const SgdArgs<T>& a, int64_t w0, int64_t w1) {
     for (int64_t i = w0 * 16; i < w1 * 16; ++i) sgd_element<T, kNoReference, kMom, kDecay>(p, g, b, i, 0.f, h);
     return 0;
   } else {
-    // Signs are expanded for a batch of 64 words (1024 lanes, 4 KiB: L1-resident) before one long
-    // simd loop: per word, the 16-lane loop's horizontal count reduction and the vector reload of
-    // freshly stored signs cost more than SGD's whole update (16M fp32 with codes, 2 idle cores:
-    // SGD+momentum 33 ms vs 14 ms without codes before batching).
-    constexpr int64_t kBatchWords = 64;
-    alignas(64) float sign[kBatchWords * 16];
-    int64_t total = 0;
-    for (int64_t w = w0; w < w1; w += kBatchWords) {
-      const int64_t words = std::min(kBatchWords, w1 - w);
-      for (int64_t k = 0; k < words; ++k) expand_signs(a.codes[w + k], sign + 16 * k);
-      const int64_t base = w * 16, lanes = words * 16;
-      int32_t count = 0;
-#pragma omp simd reduction(+ : count)
-      for (int64_t k = 0; k < lanes; ++k) count += sgd_element<T, kRule, kMom, kDecay>(p, g, b, base + k, sign[k], h);
-      total += count;
-    }
-    return total;
+    return for_coded_lanes(a.codes, w0, w1, [&](int64_t i, float s) __attribute__((always_inline)) {
+      return sgd_element<T, kRule, kMom, kDecay>(p, g, b, i, s, h);
+    });
   }
 }
 
