@@ -1,6 +1,6 @@
 """The benchmark rows, built on identical model-shaped tensors per size (benchmarks/common.py).
 
-Bytes counted per parameter element (the DESIGN.md section 5 convention: what one fused pass must
+Bytes counted per parameter element (the docs/design.md section 5 convention: what one fused pass must
 move, not what an implementation happens to move):
   AdamW fp32            28     read p, g, m, v; write p, m, v
   CPL Adam/AdamW fp32   28.25  + 2-bit sign codes (read)

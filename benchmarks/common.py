@@ -61,7 +61,7 @@ def clone_params(params: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def reference_grads(params: list[torch.Tensor], seed: int = 1) -> list[torch.Tensor]:
     """A mastered reference gradient per param: random signs, so about half the elements conflict
-    (what DESIGN.md section 6 saw per step), and some exact zeros (rows the mastered loss never
+    (what the lab measures per step, docs/lab.md), and some exact zeros (rows the mastered loss never
     touches keep r == 0)."""
     gen = torch.Generator().manual_seed(seed)
     out = []

@@ -5,7 +5,7 @@ What makes it slow and large, on purpose (that is what is being measured):
   * the mastered reference gradient is kept as a full fp32 copy per parameter (4 B/param);
   * every step runs per-tensor eager ops: the moments, then u, the product u*r and the mask, each
     a full-size temporary (several passes over memory per tensor instead of one).
-The maths is DESIGN.md section 1 ("update" criterion): the state sees the raw gradient and u is
+The maths is docs/design.md section 1 ("update" criterion): the state sees the raw gradient and u is
 applied where u*r >= 0. With no reference it is AdamW.
 """
 from __future__ import annotations

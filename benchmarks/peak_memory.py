@@ -21,7 +21,7 @@ import subprocess
 import sys
 
 MODELS = {
-    # DESIGN.md section 6's lab model: 348,800 params (tied embeddings).
+    # The lab's default model size (docs/lab.md): about 349K params (tied embeddings).
     "llama-small": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=4, vocab_size=160, tie_word_embeddings=True, batch=32, seq=16),
     # ~96M params, random init.

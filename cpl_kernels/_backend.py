@@ -1,6 +1,6 @@
 """Which implementation serves a tensor.
 
-Order (DESIGN.md section 2): CUDA tensor -> the CUDA kernel if built, else Triton; CPU tensor ->
+Order (docs/design.md section 2): CUDA tensor -> the CUDA kernel if built, else Triton; CPU tensor ->
 the C++ kernel; anything else -> the pure-PyTorch reference. CPL_BACKEND=cpp|cuda|triton|reference
 forces one for every call (an error if it cannot serve the tensor). A missing native library is
 reported once, loudly, naming what falls back.

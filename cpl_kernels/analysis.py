@@ -1,4 +1,4 @@
-"""Parameter-wise contribution statistics of two gradients (DESIGN.md section 1): per tensor and
+"""Parameter-wise contribution statistics of two gradients (docs/design.md section 1): per tensor and
 per layer, how many elements conflict (a_j*b_j < 0), collaborate (> 0) or tie (== 0), and the
 positive and negative sums whose total is the dot product a.b (the aggregate gradient similarity).
 """
