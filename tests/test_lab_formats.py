@@ -63,3 +63,54 @@ def test_missing_and_empty_files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(DataError, match="no records"):
         load_jsonl(tmp_path / "empty.jsonl")
+
+
+def test_line_separators_inside_strings_and_crlf(tmp_path):
+    # JSON allows U+2028, U+2029 and U+0085 raw inside strings; str.splitlines() splits on them.
+    f = tmp_path / "seps.jsonl"
+    f.write_bytes("\r\n".join(json.dumps(r, ensure_ascii=False) for r in [
+        {"question": "one\u2028two?", "answer": "a"},
+        {"question": "three\u0085four?", "answer": "b"},
+        {"question": "five\u2029six?", "answer": "c"}]).encode() + b"\r\n")
+    items = load_jsonl(f)
+    assert [it.prompts[0] for it in items] == ["one\u2028two?", "three\u0085four?", "five\u2029six?"]
+    assert [it.key for it in items] == ["seps.jsonl:1", "seps.jsonl:2", "seps.jsonl:3"]
+
+
+@pytest.mark.parametrize("content, line, words", [
+    (b'{"question": "q", "answer": "a"}\n{"question": "caf\xe9", "answer": "a"}\n', 2,
+     "not UTF-8 text (byte 18 of the line is 0xe9)"),
+    (b'{"question": "q", "answer": ' + b"1" * 5000 + b"}\n", 1,
+     "invalid JSON (a number longer than 4300 digits)"),
+    (b'{"question": "q", "answer": "a"}\n\n' + b"[" * 100_000 + b"\n", 3, "nested too deeply"),
+], ids=["utf8", "huge-int", "deep"])
+def test_undecodable_lines_name_file_and_line(tmp_path, content, line, words):
+    f = tmp_path / "bad.jsonl"
+    f.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        load_jsonl(f)
+    assert str(err.value).startswith(f"{f}:{line}: "), err.value
+    assert words in str(err.value)
+
+
+def test_option_letters_are_the_questions_own(tmp_path):
+    items = load_jsonl(write(tmp_path / "mc.jsonl", [
+        {"question": "Capital of Peru? A. Lima B. Paris C. Oslo D. Rome E. Quito", "label": "A"},
+        {"question": "2+2?\n(A) 3\n(B) 4\n(C) 5", "label": "B"},
+        {"question": "Which vitamin? A) C B) E. coli", "label": "B"},
+        {"question": "True?", "label": "D"}]))
+    assert [it.options for it in items] == [tuple("ABCDE"), tuple("ABC"), tuple("AB"), tuple("ABCD")]
+
+
+@pytest.mark.parametrize("rec, allowed", [
+    # one label past D used to widen every question of the file to A..Z, silently
+    ({"question": "2+2? A. 3 B. 4 C. 5", "label": "Z"}, "A, B, C (as the question lists them)"),
+    ({"question": "2+2?", "label": "E"}, "A, B, C, D (the default"),
+    ({"question": "Sky?", "label": "C", "choices": ["blue", "green"]}, "A, B (one per entry of \"choices\")"),
+], ids=["listed", "default", "choices"])
+def test_label_outside_the_options(tmp_path, rec, allowed):
+    f = write(tmp_path / "mc.jsonl", [{"question": "1+1? A. 2 B. 3 C. 4 D. 5", "label": "A"}, rec])
+    with pytest.raises(DataError) as err:
+        load_jsonl(f)
+    msg = str(err.value)
+    assert msg.startswith(f"{f}:2: label {rec['label']!r} is not one of the option letters {allowed}"), msg

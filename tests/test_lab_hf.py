@@ -1,5 +1,7 @@
 """A local Hugging Face checkpoint (model folder + fast tokenizer) goes through the lab's HF path
 offline: loading, prompt/answer encoding with and without a chat template, scoring."""
+import re
+
 import pytest
 
 from cpl_lab.codec import HFCodec
@@ -7,7 +9,7 @@ from cpl_lab.config import LabConfig
 from cpl_lab.data import encode
 from cpl_lab.evaluate import batch_loss, score
 from cpl_lab.items import Item
-from cpl_lab.models import load_hf, tiny_llama
+from cpl_lab.models import ModelError, load_hf, tiny_llama
 
 WORDS = ["[PAD]", "[UNK]", "<s>", "</s>", "question:", "answer:", "where", "does", "bob", "live",
          "?", "paris", "lima", "a", "b", "c", "d", "user", "assistant"]
@@ -52,3 +54,20 @@ def test_local_checkpoint(tmp_path, chat):
 def test_missing_checkpoint_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="never downloads"):
         load_hf(str(tmp_path / "nope"), "cpu")
+
+
+def test_truncated_config_names_the_file(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt", chat=False)
+    config = ckpt / "config.json"
+    config.write_text(config.read_text()[:40])  # an interrupted copy
+    with pytest.raises(ModelError) as err:
+        load_hf(str(ckpt), "cpu")
+    assert str(err.value).startswith(f"{config}: not valid JSON"), err.value
+
+
+def test_missing_weights_is_a_model_error(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt", chat=False)
+    for f in ckpt.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(ModelError, match=re.escape(f"--model {ckpt}: cannot load it")):
+        load_hf(str(ckpt), "cpu")

@@ -139,12 +139,12 @@ def main(argv=None) -> int:
         return 2
     from .commands import analyze_command, inject_command
     from .formats import DataError
-    from .runs import RunExists
+    from .runs import RunError
     try:
         if args.command == "inject":
             return inject_command(cfg, args)
         return analyze_command(cfg, args)
-    except (DataError, RunExists, FileNotFoundError, ValueError) as e:
+    except (DataError, RunError, FileNotFoundError, ValueError) as e:
         print(f"cpl: error: {e}", file=sys.stderr)
         return 2
 

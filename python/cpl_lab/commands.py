@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .config import LabConfig
-from .runs import RunDir, default_run_dir
+from .runs import RunDir, RunExists, default_run_dir, make_dir
 
 
 def _setup(cfg: LabConfig) -> None:
@@ -48,11 +48,11 @@ def analyze_command(cfg: LabConfig, args) -> int:
     from .analyze import analyze
     _setup(cfg)
     out = Path(args.out) if args.out else default_run_dir(prefix="analyze")
-    if out.exists() and any(out.iterdir()) and not args.resume:
-        from .runs import RunExists
+    # The analysis files are only written at the end: a failed start leaves the folder empty.
+    make_dir(out, "analysis folder")
+    if any(out.iterdir()) and not args.resume:
         raise RunExists(f"{out} is not empty; choose another --out (or --resume to overwrite the "
                         "analysis files in it)")
-    out.mkdir(parents=True, exist_ok=True)
     print(f"analysis folder: {out}")
     analyze(cfg, out, args.cache_dir, progress=not args.no_progress, plots=not args.no_plots)
     return 0

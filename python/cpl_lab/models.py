@@ -22,6 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+class ModelError(ValueError):
+    """A --model folder that cannot be loaded; the message names the folder or the file."""
+
+
 @dataclass
 class Loaded:
     model: torch.nn.Module
@@ -58,12 +62,31 @@ def load_hf(path: str, device: str) -> Loaded:
     _quiet_transformers()
     if not Path(path).is_dir():
         raise FileNotFoundError(f"--model {path}: not a local folder (the lab never downloads)")
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    _check_config(Path(path))
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError) as e:  # missing weights or tokenizer, unknown model type, ...
+        raise ModelError(f"--model {path}: cannot load it: {' '.join(str(e).split())}") from None
     model.to(device)
     model.config.use_cache = False
     n = sum(p.numel() for p in model.parameters())
     return Loaded(model, HFCodec(tok), {"source": path, "params": n, "pretrained_by_lab": False})
+
+
+def _check_config(path: Path) -> None:
+    """config.json read here first: transformers reports a truncated one (an interrupted copy) as
+    an OSError without where it breaks."""
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelError(f"--model {path}: no config.json, not a Hugging Face model folder")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ModelError(f"{config}: not UTF-8 text (--model {path})") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{config}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno}); "
+                         f"truncated? (--model {path})") from None
 
 
 def _items_digest(items: list[Item]) -> str:
