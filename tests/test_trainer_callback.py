@@ -27,13 +27,45 @@ def tiny_llama():
     return transformers.LlamaForCausalLM(config)
 
 
-def trainer_for(model, opt, callback, tmp_path, epochs=2):
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), num_train_epochs=epochs, per_device_train_batch_size=4, use_cpu=True,
-        report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
-        dataloader_num_workers=0, max_grad_norm=0.0)
-    return transformers.Trainer(model=model, args=args, train_dataset=Tokens(8, seed=1),
-                                optimizers=(opt, None), callbacks=[callback])
+class Unlabelled(Tokens):
+    """Causal-LM data as it usually comes: input ids only, the collator adds the labels."""
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i]}
+
+
+class LabellingCollator:
+    """A Trainer data collator that adds labels (as DataCollatorForLanguageModeling(mlm=False) does)."""
+
+    def __init__(self):
+        self.keys_seen = []
+
+    def __call__(self, features):
+        batch = transformers.default_data_collator(features)
+        batch["labels"] = batch["input_ids"].clone()
+        self.keys_seen.append(sorted(batch))
+        return batch
+
+
+class LogRecorder(transformers.TrainerCallback):
+    """Stands where the Trainer's reporters (TensorBoard, W&B) stand: before user callbacks."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def trainer_for(model, opt, callback, tmp_path, epochs=2, train_dataset=None, callbacks=(), **overrides):
+    settings = dict(output_dir=str(tmp_path), num_train_epochs=epochs, per_device_train_batch_size=4,
+                    use_cpu=True, report_to="none", save_strategy="no", logging_strategy="no",
+                    disable_tqdm=True, dataloader_num_workers=0, max_grad_norm=0.0)
+    collator = overrides.pop("data_collator", None)
+    args = transformers.TrainingArguments(**{**settings, **overrides})
+    return transformers.Trainer(model=model, args=args, train_dataset=train_dataset or Tokens(8, seed=1),
+                                data_collator=collator, optimizers=(opt, None),
+                                callbacks=[*callbacks, callback])
 
 
 def test_reference_rebuilt_each_epoch(tmp_path):
@@ -70,3 +102,97 @@ def test_callback_refuses_a_plain_optimizer(tmp_path):
     opt = torch.optim.AdamW(model.parameters())
     with pytest.raises(TypeError, match="needs a CPL optimizer"):
         trainer_for(model, opt, CPLReferenceCallback(Tokens(2, seed=2)), tmp_path, epochs=1).train()
+
+
+def test_default_collator_is_the_trainers(tmp_path):
+    model = tiny_llama()
+    opt = CPLAdamW(model.parameters(), lr=1e-3)
+    collator = LabellingCollator()
+    callback = CPLReferenceCallback(Unlabelled(4, seed=2), batch_size=2)
+    trainer_for(model, opt, callback, tmp_path, epochs=1, train_dataset=Unlabelled(8, seed=1),
+                data_collator=collator).train()
+    assert [step for step, _ in callback.rebuilds] == [0] and opt.has_reference
+    # 2 mastered batches, then 2 training batches: all collated by the Trainer's collator.
+    assert collator.keys_seen == [["input_ids", "labels"]] * 4
+
+
+def test_unlabelled_batches_outside_a_trainer_say_what_collated_them():
+    model = tiny_llama()
+    opt = CPLAdamW(model.parameters(), lr=1e-3)
+    callback = CPLReferenceCallback(Unlabelled(2, seed=2))
+    with pytest.raises(TypeError, match=r"loss is None: the mastered batches \(keys \['input_ids'\], "
+                                        r"collated by default_data_collator\) carry no labels"):
+        callback.rebuild(model, opt)
+    assert not opt.has_reference and all(p.grad is None for p in model.parameters())
+
+
+def test_frozen_fraction_and_reference_time_reach_the_reporters(tmp_path):
+    model = tiny_llama()
+    opt = CPLAdamW(model.parameters(), lr=1e-3, criterion="gradient")
+    recorder = LogRecorder()
+    callback = CPLReferenceCallback(Tokens(8, seed=2), every_n_steps=1, sample_batches=1, batch_size=2)
+    trainer = trainer_for(model, opt, callback, tmp_path, epochs=1, callbacks=[recorder],
+                          logging_strategy="steps", logging_steps=1)
+    trainer.train()
+    step_logs = [logs for logs in recorder.logs if "loss" in logs]
+    assert len(step_logs) == 2
+    for logs, fraction in zip(step_logs, callback.frozen_fractions):
+        assert logs["cpl/frozen_fraction"] == fraction and 0 < fraction < 1
+        assert logs["cpl/reference_s"] > 0
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["cpl/frozen_fraction"] for entry in history] == callback.frozen_fractions
+
+
+def test_sample_batches_draws_a_fresh_seeded_sample_each_rebuild(tmp_path):
+    mastered = Tokens(16, seed=2)
+    rows = {tuple(r.tolist()): i for i, r in enumerate(mastered.ids)}
+
+    def run(seed):
+        seen = []
+
+        def loss_fn(m, batch):
+            seen.append([rows[tuple(r.tolist())] for r in batch["input_ids"]])
+            return m(**batch).loss
+
+        model = tiny_llama()
+        opt = CPLAdamW(model.parameters(), lr=1e-3)
+        callback = CPLReferenceCallback(mastered, loss_fn=loss_fn, every_n_steps=1, sample_batches=1,
+                                        batch_size=3, seed=seed)
+        trainer_for(model, opt, callback, tmp_path, epochs=2).train()
+        assert [step for step, _ in callback.rebuilds] == [0, 1, 2, 3]
+        return seen
+
+    first = run(seed=5)
+    assert len(first) == 4 and all(len(set(sample)) == 3 for sample in first)  # 1 batch of 3 distinct rows
+    assert len({tuple(sample) for sample in first}) == 4  # a fresh sample at every rebuild
+    assert run(seed=5) == first and run(seed=6) != first
+
+
+def test_sample_batches_from_a_dataloader_takes_the_next_batches():
+    model = tiny_llama()
+    opt = CPLAdamW(model.parameters(), lr=1e-3)
+    seen = []
+
+    def loss_fn(m, batch):
+        seen.append(batch["input_ids"][:, 0].tolist())
+        return m(**batch).loss
+
+    loader = torch.utils.data.DataLoader(Tokens(3, seed=2), batch_size=1,
+                                         collate_fn=transformers.default_data_collator)
+    callback = CPLReferenceCallback(loader, loss_fn=loss_fn, sample_batches=2)
+    for _ in range(3):
+        callback.rebuild(model, opt)
+    firsts = [row for batch in seen for row in batch]
+    assert firsts == [loader.dataset.ids[i % 3, 0].item() for i in range(6)]  # cycled over passes
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(sample_batches=0), "sample_batches must be an integer >= 1"),
+    (dict(every_n_steps=0), "every_n_steps must be an integer >= 1"),
+])
+def test_constructor_checks(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CPLReferenceCallback(Tokens(2, seed=2), **kwargs)
+    loader = torch.utils.data.DataLoader(Tokens(2, seed=2))
+    with pytest.raises(ValueError, match="apply to a dataset"):
+        CPLReferenceCallback(loader, batch_size=2)
