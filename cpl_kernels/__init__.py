@@ -8,3 +8,6 @@ from .optim import CPLAdam, CPLAdamW, CPLSGD, MaskedAdamW, state_bytes  # noqa: 
 from .reference_grad import build_reference  # noqa: E402,F401
 from .masks import cpl_masks_once, random_masks_like  # noqa: E402,F401
 from . import analysis  # noqa: E402,F401
+
+__all__ = ["CPLAdam", "CPLAdamW", "CPLSGD", "MaskedAdamW", "analysis", "backend_for", "build_reference",
+           "cpl_masks_once", "native_loaded", "ops", "random_masks_like", "reference", "state_bytes"]

@@ -61,6 +61,10 @@ def test_reference_from_a_different_model_names_the_parameter():
     sd = other_opt.state_dict()
     sd["state"] = {}  # only the codes disagree in size (for '1.weight': 20 vs 15 elements)
     sd["cpl_raw_state"]["cpl_codes"] = {k: v for k, v in sd["cpl_raw_state"]["cpl_codes"].items() if k == 2}
+    with pytest.raises(ValueError, match=r"parameter 2 had shape \(4, 5\) but parameter '1\.weight' has "
+                                         r"shape \(3, 5\).*different model"):
+        opt.load_state_dict(sd)
+    del sd["cpl_param_shapes"]  # a checkpoint without recorded shapes: the codes' size still tells
     with pytest.raises(ValueError, match=r"sign codes for parameter '1\.weight'.*different model"):
         opt.load_state_dict(sd)
 

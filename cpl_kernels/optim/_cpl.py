@@ -2,6 +2,7 @@
 shared by CPLAdam, CPLAdamW and CPLSGD."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -9,6 +10,7 @@ from torch import Tensor
 
 from .. import ops
 from .. import reference as ref
+from . import _layout
 from ._base import StateOptimizer, local
 
 CODES_KEY = "cpl_codes"
@@ -22,47 +24,83 @@ def check_criterion(owner: str, criterion: str, strict: bool) -> None:
         raise TypeError(f"{owner}: strict must be a bool, got {strict!r}")
 
 
+def _listing(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 class CPLOptimizer(StateOptimizer):
     """Holds the mastered reference as 2-bit sign codes (state key CODES_KEY, int32, ceil(n/16)
-    words per parameter: 0.25 B/element) and the conflicting counts of the last step.
+    words per parameter: 0.25 B/element, in the parameter's memory order) and the conflicting
+    counts of the last step.
 
     A parameter without codes has no reference: every element is collaborative (as codes of
     zeros would say) and the step is the plain optimizer's."""
 
     RAW_STATE = (CODES_KEY,)
     KEEP_GROUP_KEYS = ("criterion", "strict", "check_finite")
+    _PICKLED = ("_frozen", "_stepped", "_reference_was_set", "_warned_no_reference")
 
     def __init__(self, params, defaults):
         super().__init__(params, defaults)
         self._frozen: list[list[Tensor]] = []   # per group: 0-dim int64 counts, read lazily
         self._stepped: list[int] = []           # per group: elements stepped last step
+        self._reference_was_set = False
+        self._warned_no_reference = False
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        for key, default in (("_frozen", []), ("_stepped", []), ("_reference_was_set", False),
+                             ("_warned_no_reference", False)):
+            if key not in self.__dict__:
+                setattr(self, key, default)
 
     # ---- the reference -------------------------------------------------------------------------
 
-    def _all_params(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
-
-    def _source(self, grads, p: Tensor, index: int):
+    def _reference_sources(self, grads) -> list:
+        """The reference gradient of every parameter (None: no reference), validated against the
+        keys and sizes of `grads`; nothing is written."""
+        owner = f"{type(self).__name__}.set_reference_from_grads"
+        params = self._all_params()
         if grads is None:
-            return p.grad
+            return [p.grad for p in params]
         if isinstance(grads, Mapping):
-            if p in grads:  # Tensor keys hash by identity
-                return grads[p]
-            names = self._names()
-            return grads.get(names.get(index)) if names.get(index) is not None else None
-        if isinstance(grads, Sequence):
-            return grads[index]
-        raise TypeError("grads must be None (use .grad), a mapping param/name -> tensor, or a "
-                        f"sequence aligned with the optimizer's parameters; got {type(grads).__name__}")
+            return self._sources_from_mapping(owner, params, grads)
+        if isinstance(grads, Sequence) and not isinstance(grads, (str, bytes)):
+            if len(grads) != len(params):
+                raise ValueError(f"{owner}: got {len(grads)} gradients for {len(params)} parameters")
+            return list(grads)
+        raise TypeError(f"{owner}: grads must be None (use .grad), a mapping param/name -> tensor, or "
+                        f"a sequence aligned with the optimizer's parameters; got {type(grads).__name__}")
 
-    def _names(self) -> dict[int, str]:
-        out, i = {}, 0
-        for group in self.param_groups:
-            names = group.get("param_names")
-            for j in range(len(group["params"])):
-                if names:
-                    out[i] = names[j]
-                i += 1
+    def _sources_from_mapping(self, owner: str, params: list[Tensor], grads: Mapping) -> list:
+        names = self._param_names()
+        by_name = {n: i for i, n in enumerate(names) if n is not None}
+        by_id = {id(p): i for i, p in enumerate(params)}
+        out: list = [None] * len(params)
+        seen = [False] * len(params)
+        unknown = []
+        for key, value in grads.items():
+            i = by_id.get(id(key)) if isinstance(key, Tensor) else by_name.get(key) if isinstance(key, str) else None
+            if i is None:
+                unknown.append(key)
+                continue
+            out[i], seen[i] = value, True
+        if unknown:
+            shown = _listing([repr(k) if not isinstance(k, Tensor) else f"<tensor {tuple(k.shape)}>"
+                              for k in unknown])
+            if not by_name and any(isinstance(k, str) for k in unknown):
+                hint = ("this optimizer was built without parameter names (from model.parameters()): "
+                        "build it from model.named_parameters() or key the mapping by parameter tensors")
+            else:
+                hint = "keys must be this optimizer's parameters or their names"
+            raise ValueError(f"{owner}: {len(unknown)} key(s) match no parameter of this optimizer: "
+                           f"{shown}; {hint}. Nothing was changed.")
+        missing = [self.param_name(p) for p, s in zip(params, seen) if not s]
+        if missing:
+            warnings.warn(f"{owner}: {len(missing)} of {len(params)} parameters get no reference "
+                          f"(they will step as plain {self._plain_name()}): {_listing(missing)}",
+                          UserWarning, stacklevel=4)
         return out
 
     @torch.no_grad()
@@ -72,64 +110,107 @@ class CPLOptimizer(StateOptimizer):
         grads: None to read each parameter's current .grad (after a backward pass over the mastered
         set, see cpl_kernels.build_reference), or a mapping (param or name -> tensor) or a sequence
         aligned with the parameters. A parameter whose reference gradient is None gets no
-        reference: all its elements are collaborative."""
+        reference: all its elements are collaborative. Keys that match no parameter, and
+        gradients whose shape differs from their parameter's, are errors; a mapping that leaves
+        parameters out warns with their names. Everything is checked before any code is written."""
+        owner = f"{type(self).__name__}.set_reference_from_grads"
         params = self._all_params()
-        if isinstance(grads, Sequence) and not isinstance(grads, Mapping) and len(grads) != len(params):
-            raise ValueError(f"{type(self).__name__}.set_reference_from_grads: got {len(grads)} "
-                             f"gradients for {len(params)} parameters")
-        for i, p in enumerate(params):
-            g = self._source(grads, p, i)
-            state = self.state[p]
+        sources = self._reference_sources(grads)
+        packs = []
+        for p, g in zip(params, sources):
             if g is None:
-                state.pop(CODES_KEY, None)
-                if not state:
-                    del self.state[p]
+                packs.append((p, None))
                 continue
+            if not isinstance(g, Tensor):
+                raise TypeError(f"{owner}: the reference for parameter {self.param_name(p)} is a "
+                                f"{type(g).__name__}, not a tensor")
             if g.is_sparse:
-                raise RuntimeError(f"{type(self).__name__}.set_reference_from_grads: parameter "
-                                   f"{self.param_name(p)} has a sparse reference gradient")
+                raise RuntimeError(f"{owner}: parameter {self.param_name(p)} has a sparse reference gradient")
+            if not g.is_floating_point():
+                raise TypeError(f"{owner}: the reference for parameter {self.param_name(p)} has dtype "
+                                f"{g.dtype}; it must be a floating-point gradient")
             lp, lg = local(p), local(g)
             if lg.numel() != lp.numel():
                 raise ValueError(
-                    f"{type(self).__name__}.set_reference_from_grads: the reference gradient for "
-                    f"parameter {self.param_name(p)} has {lg.numel()} elements but the parameter has "
-                    f"{lp.numel()}; was it computed on a different model?")
+                    f"{owner}: the reference gradient for parameter {self.param_name(p)} has "
+                    f"{lg.numel()} elements but the parameter has {lp.numel()}; was it computed on a "
+                    "different model?")
+            if lg.shape != lp.shape:
+                raise ValueError(f"{owner}: the reference gradient for parameter {self.param_name(p)} "
+                                 f"has shape {tuple(lg.shape)} but the parameter has shape {tuple(lp.shape)}")
+            if lg.device != lp.device:
+                raise ValueError(f"{owner}: the reference gradient for parameter {self.param_name(p)} "
+                                 f"is on {lg.device} but the parameter is on {lp.device}")
+            packs.append((p, lg))
+        for p, lg in packs:  # all checked: now write
+            if lg is None:
+                self._drop_codes(p)
+                continue
+            lp = local(p)
+            if lg.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                lg = lg.float()  # fp64: only the sign is kept
+            state = self.state[p]
             codes = state.get(CODES_KEY)
             if codes is None:  # allocated once, rewritten in place at every refresh
                 codes = state[CODES_KEY] = ops.empty_codes(lp)
-            ops.pack_signs_(lg.detach().contiguous(), codes)
+            ops.pack_signs_(_layout.flat_in_layout_of(lg.detach(), lp), codes)
+        self._reference_was_set = True
+
+    def _drop_codes(self, p: Tensor) -> None:
+        state = self.state.get(p)
+        if state is not None and CODES_KEY in state:
+            del state[CODES_KEY]
+            if not state:
+                del self.state[p]
 
     def clear_reference(self) -> None:
         """Drops every parameter's codes: the optimizer becomes its torch.optim counterpart."""
         for p in self._all_params():
-            state = self.state.get(p)
-            if state is not None and CODES_KEY in state:
-                del state[CODES_KEY]
-                if not state:
-                    del self.state[p]
+            self._drop_codes(p)
+        self._reference_was_set = True  # deliberate: no "no reference" warning from now on
 
     @property
     def has_reference(self) -> bool:
-        return any(CODES_KEY in st for st in self.state.values())
+        return any(isinstance(st, Mapping) and CODES_KEY in st for st in self.state.values())
 
-    def _validate_raw(self, p: Tensor, key: str, value: Tensor) -> Tensor:
-        want = ref.num_code_words(local(p).numel())
-        if value.dtype != torch.int32 or value.numel() != want:
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: the sign codes for parameter "
-                f"{self.param_name(p)} hold {value.numel()} {value.dtype} words but its "
-                f"{local(p).numel()} elements need {want} int32 words; was the checkpoint saved from "
-                "a different model?")
-        return value.reshape(-1).contiguous()
+    def _plain_name(self) -> str:
+        return type(self).__name__.removeprefix("CPL")
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+
+    def _check_param_state(self, p, name, floats, raws, has_step) -> None:
+        owner = f"{type(self).__name__}.load_state_dict"
+        lp = local(p)
+        for key, value in floats.items():
+            if value.shape != lp.shape:
+                raise ValueError(f"{owner}: '{key}' of parameter {name} has shape {tuple(value.shape)} "
+                                 f"but the parameter has shape {tuple(lp.shape)}; was the checkpoint "
+                                 "saved from a different model or another kind of optimizer?")
+        codes = raws.get(CODES_KEY)
+        if codes is not None:
+            want = ref.num_code_words(lp.numel())
+            if codes.dtype != torch.int32 or codes.numel() != want:
+                raise ValueError(
+                    f"{owner}: the sign codes for parameter {name} hold {codes.numel()} {codes.dtype} "
+                    f"words but its {lp.numel()} elements need {want} int32 words; was the checkpoint "
+                    "saved from a different model?")
+
+    def _after_load(self) -> None:
+        if self.has_reference:
+            self._reference_was_set = True
 
     # ---- the step --------------------------------------------------------------------------------
 
-    def _step_group(self, group, items) -> None:
-        raise NotImplementedError
-
-    def step(self, closure=None):
+    def _begin_step(self) -> None:
         self._frozen, self._stepped = [], []
-        return super().step(closure)
+        if not self._reference_was_set and not self._warned_no_reference:
+            self._warned_no_reference = True
+            warnings.warn(
+                f"{type(self).__name__}.step: no reference has been set, so this step is plain "
+                f"{self._plain_name()} (nothing is protected). Call cpl_kernels.build_reference(opt, "
+                "model, mastered_batches, loss_fn) or opt.set_reference_from_grads(...) first; "
+                "opt.clear_reference() marks running without one as intended. Warned once.",
+                UserWarning, stacklevel=5)
 
     def _record(self, counts: list[Tensor], numel: int) -> None:
         if counts:

@@ -1,22 +1,26 @@
 """MaskedAdamW: AdamW on a static subset of elements, with optimizer state only for that subset."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from .. import ops
 from .. import reference as ref
-from ._base import StateOptimizer, check_args, check_hyper, local
+from . import _layout
+from ._base import Item, StateOptimizer, check_args, check_hyper, local, lr_value
 
 MASK_KEY, OFFSETS_KEY = "mask_words", "block_offsets"
+DEFAULTS = ("train", "freeze")
 
 
 class MaskedAdamW(StateOptimizer):
     """AdamW restricted to a fixed boolean mask per parameter (True = trained, False = frozen).
 
-    Storage invariant (per parameter of n elements, k of them active):
+    Storage invariant (per parameter of n elements, k of them active), in the parameter's memory
+    order (docs/design.md section 3):
       state['mask_words']    int32 [ceil(n/32)]    the mask, 1 bit per element (reference.pack_mask)
       state['block_offsets'] int64 [ceil(n/1024)]  active elements before each 1024-element block
       state['exp_avg'], state['exp_avg_sq']  fp32 [k]  m and v of the active elements, in order
@@ -24,46 +28,78 @@ class MaskedAdamW(StateOptimizer):
     i.e. 8 B per active element + 0.133 B per element, instead of AdamW's 8 B per element.
     Frozen elements never move: no update, no weight decay.
 
-    masks: a sequence aligned with the parameters (over all groups, in order), or a mapping keyed
-    by parameter tensor or, when the optimizer is given named parameters, by name. Masks must be
-    bool tensors shaped like their parameter. A parameter without a mask (mapping without its key)
-    is trained on all elements. DTensor (FSDP2) parameters are not supported.
+    masks: a sequence aligned with the parameters (over all groups, in order; None = `default`),
+    or a mapping keyed by parameter tensor or, when the optimizer is given named parameters, by
+    name. Masks are bool tensors shaped like their parameter. Keys that match no parameter are an
+    error. Parameters a mapping leaves out follow `default`: "train" (all elements) or "freeze"
+    (none); when `default` is not given they are trained and a warning names them.
+    DTensor (FSDP2) parameters are not supported.
     Non-finite gradients raise FloatingPointError before anything is written (check_finite=True).
     """
 
     FLOAT_STATE = ("exp_avg", "exp_avg_sq")
     RAW_STATE = (MASK_KEY, OFFSETS_KEY)
 
-    def __init__(self, params, masks, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
-                 differentiable=False, fused=None, check_finite=True):
+    def __init__(self, params: Iterable, masks: Sequence | Mapping, lr: float | Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, foreach: bool | None = None,
+                 maximize: bool = False, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, check_finite: bool = True, default: str | None = None) -> None:
         owner = type(self).__name__
         check_args(owner, amsgrad=amsgrad, foreach=foreach, maximize=maximize, capturable=capturable,
                    differentiable=differentiable, fused=fused)
         check_hyper(owner, lr, eps=eps, betas=betas, weight_decay=weight_decay)
+        if default is not None and default not in DEFAULTS:
+            raise ValueError(f"{owner}: default must be one of {DEFAULTS} or None, got {default!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=False,
                         maximize=False, foreach=foreach, capturable=False, differentiable=False,
                         fused=fused, check_finite=check_finite)
         super().__init__(params, defaults)
-        params_flat = [(p, names[i] if names else None)
-                       for g in self.param_groups
-                       for i, p in enumerate(g["params"]) for names in [g.get("param_names")]]
-        if not isinstance(masks, Mapping) and len(masks) != len(params_flat):
-            raise ValueError(f"{owner}: got {len(masks)} masks for {len(params_flat)} parameters")
-        for i, (p, name) in enumerate(params_flat):
+        params_flat = self._all_params()
+        for p in params_flat:
             if hasattr(p, "to_local"):
                 raise NotImplementedError(f"{owner}: parameter {self.param_name(p)} is a DTensor; "
                                           "MaskedAdamW needs whole (unsharded) parameters")
-            if isinstance(masks, Mapping):
-                mask = masks[p] if p in masks else masks.get(name) if name is not None else None
-            else:
-                mask = masks[i]
-            if mask is None:
-                mask = torch.ones_like(p, dtype=torch.bool)
-            self._set_mask(p, mask)
+        chosen = self._masks_per_param(owner, params_flat, masks, default)
+        states = [self._state_for(p, m) for p, m in zip(params_flat, chosen)]  # all checked first
+        for p, st in zip(params_flat, states):
+            self.state[p] = st
+
+    def _masks_per_param(self, owner: str, params: list[Tensor], masks, default: str | None) -> list:
+        fill = "train" if default is None else default
+        if isinstance(masks, Mapping):
+            names = self._param_names()
+            by_name = {n: i for i, n in enumerate(names) if n is not None}
+            by_id = {id(p): i for i, p in enumerate(params)}
+            chosen: list = [None] * len(params)
+            unknown = []
+            for key, mask in masks.items():
+                i = by_id.get(id(key)) if isinstance(key, Tensor) else by_name.get(key) if isinstance(key, str) else None
+                if i is None:
+                    unknown.append(key if not isinstance(key, Tensor) else f"<tensor {tuple(key.shape)}>")
+                else:
+                    chosen[i] = mask
+            if unknown:
+                hint = ("this optimizer was built without parameter names (from model.parameters()): "
+                        "build it from model.named_parameters() or key the masks by parameter tensors"
+                        if not by_name else "keys must be this optimizer's parameters or their names")
+                raise ValueError(f"{owner}: {len(unknown)} mask key(s) match no parameter: "
+                                 f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''}; {hint}")
+            missing = [self.param_name(p) for p, m in zip(params, chosen) if m is None]
+            if missing and default is None:
+                warnings.warn(f"{owner}: {len(missing)} of {len(params)} parameters have no mask and are "
+                              f"trained on all elements: {missing[:5]}{' ...' if len(missing) > 5 else ''}. "
+                              "Pass default='train' or default='freeze' to say which you mean.",
+                              UserWarning, stacklevel=3)
+        else:
+            if len(masks) != len(params):
+                raise ValueError(f"{owner}: got {len(masks)} masks for {len(params)} parameters")
+            chosen = list(masks)
+        return [torch.full_like(p, fill == "train", dtype=torch.bool) if m is None else m
+                for p, m in zip(params, chosen)]
 
     @torch.no_grad()
-    def _set_mask(self, p: Tensor, mask: Tensor) -> None:
+    def _state_for(self, p: Tensor, mask: Tensor) -> dict:
         owner = type(self).__name__
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"{owner}: the mask for parameter {self.param_name(p)} must be a bool "
@@ -71,9 +107,10 @@ class MaskedAdamW(StateOptimizer):
         if mask.shape != p.shape:
             raise ValueError(f"{owner}: the mask for parameter {self.param_name(p)} has shape "
                              f"{tuple(mask.shape)} but the parameter has shape {tuple(p.shape)}")
-        words = ref.pack_mask(mask.to(p.device)).contiguous()
+        # Packed in the parameter's memory order, the order the kernel walks.
+        words = ref.pack_mask(_layout.flat_in_layout_of(mask.to(p.device), p)).contiguous()
         k = int(mask.sum())
-        self.state[p] = {
+        return {
             "step": torch.tensor(0.0, dtype=torch.float32),
             "exp_avg": torch.zeros(k, dtype=torch.float32, device=p.device),
             "exp_avg_sq": torch.zeros(k, dtype=torch.float32, device=p.device),
@@ -83,46 +120,55 @@ class MaskedAdamW(StateOptimizer):
 
     def active_counts(self) -> list[int]:
         """Active (trained) elements per parameter, over all groups in order."""
-        return [self.state[p]["exp_avg"].numel() for g in self.param_groups for p in g["params"]]
+        return [self.state[p]["exp_avg"].numel() for p in self._all_params()]
 
-    def _step_group(self, group, items) -> None:
+    def _plan_group(self, group, items: list[Item]):
+        owner = type(self).__name__
         beta1, beta2 = group["betas"]
-        lr, eps, wd = float(group["lr"]), group["eps"], group["weight_decay"]
-        for p, lp, lg in items:
-            state = self.state[p]
-            if state["exp_avg"].numel() == 0:
-                continue  # nothing trained in this tensor
-            step = float(state["step"]) + 1
-            ops.masked_adamw_step_(lp, lg, state[MASK_KEY], state[OFFSETS_KEY], state["exp_avg"],
-                                   state["exp_avg_sq"], step, lr, beta1, beta2, eps, wd)
-            state["step"] += 1
+        lr = lr_value(owner, group["lr"])
+        check_hyper(owner, lr, eps=group["eps"], betas=(beta1, beta2), weight_decay=group["weight_decay"])
+        work = []
+        for it in items:
+            state = self.state.get(it.param)
+            if not state or MASK_KEY not in state:
+                raise RuntimeError(f"{owner}.step: parameter {self.param_name(it.param)} has no mask state")
+            step = self._step_value(it.param, state)
+            if state["exp_avg"].numel() > 0:  # else nothing trained in this tensor
+                work.append((it, state, step + 1))
 
-    def _validate_raw(self, p: Tensor, key: str, value: Tensor) -> Tensor:
-        n = local(p).numel()
-        want = (ref.num_mask_words(n), torch.int32) if key == MASK_KEY else (ref.num_offset_blocks(n), torch.int64)
-        if (value.numel(), value.dtype) != want:
-            raise ValueError(f"{type(self).__name__}.load_state_dict: {key} for parameter "
-                             f"{self.param_name(p)} has {value.numel()} {value.dtype} entries, expected "
-                             f"{want[0]} {want[1]}; was the checkpoint saved from a different model?")
-        return value.reshape(-1).contiguous()
+        def run() -> None:
+            for it, state, step in work:
+                ops.masked_adamw_step_(it.work_param, it.work_grad, state[MASK_KEY], state[OFFSETS_KEY],
+                                       state["exp_avg"], state["exp_avg_sq"], step, lr, beta1, beta2,
+                                       group["eps"], group["weight_decay"])
+                state["step"] += 1
 
-    def _after_load(self) -> None:
-        # The compact state must hold exactly one entry per active element of the loaded mask;
-        # the kernel trusts this (ops.masked_adamw_step_ checks only an upper bound).
-        for g in self.param_groups:
-            for p in g["params"]:
-                st = self.state[p]
-                words = st.get(MASK_KEY)
-                if words is None:
-                    raise ValueError(f"{type(self).__name__}.load_state_dict: no mask for parameter "
-                                     f"{self.param_name(p)} in the checkpoint")
-                if not torch.equal(st[OFFSETS_KEY].cpu(), ref.mask_block_offsets(words.cpu(), p.numel())):
-                    raise ValueError(f"{type(self).__name__}.load_state_dict: block_offsets of parameter "
-                                     f"{self.param_name(p)} do not match its mask")
-                k = int(ref.unpack_mask(words.cpu(), p.numel()).sum())
-                for key in ("exp_avg", "exp_avg_sq"):
-                    if st[key].numel() != k:
-                        raise ValueError(f"{type(self).__name__}.load_state_dict: {key} of parameter "
-                                         f"{self.param_name(p)} has {st[key].numel()} entries but its "
-                                         f"mask has {k} active elements")
-                    st[key] = st[key].reshape(-1).contiguous()
+        return run
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+
+    def _check_param_state(self, p, name, floats, raws, has_step) -> None:
+        owner = f"{type(self).__name__}.load_state_dict"
+        words, offsets = raws.get(MASK_KEY), raws.get(OFFSETS_KEY)
+        if words is None or offsets is None:
+            raise ValueError(f"{owner}: the checkpoint has no mask for parameter {name}; it was not "
+                             "saved by MaskedAdamW")
+        n = p.numel()
+        for key, value, want in ((MASK_KEY, words, (ref.num_mask_words(n), torch.int32)),
+                                 (OFFSETS_KEY, offsets, (ref.num_offset_blocks(n), torch.int64))):
+            if (value.numel(), value.dtype) != want:
+                raise ValueError(f"{owner}: {key} for parameter {name} has {value.numel()} {value.dtype} "
+                                 f"entries, expected {want[0]} {want[1]}; was the checkpoint saved from "
+                                 "a different model?")
+        if n % 32 and int(words[-1].item()) & ~((1 << (n % 32)) - 1) & 0xFFFFFFFF:
+            raise ValueError(f"{owner}: the mask of parameter {name} has bits set past its {n} elements")
+        if not torch.equal(offsets.cpu(), ref.mask_block_offsets(words.cpu(), n)):
+            raise ValueError(f"{owner}: block_offsets of parameter {name} do not match its mask")
+        k = int(ref.unpack_mask(words.cpu(), n).sum())
+        for key in ("exp_avg", "exp_avg_sq"):
+            value = floats.get(key)
+            if value is None or value.numel() != k:
+                got = "none" if value is None else f"{value.numel()} entries"
+                raise ValueError(f"{owner}: {key} of parameter {name} has {got} but its mask has {k} "
+                                 "active elements (MaskedAdamW keeps one per active element)")
+            floats[key] = value.reshape(-1).contiguous()
