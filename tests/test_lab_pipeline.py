@@ -12,8 +12,8 @@ from cpl_lab.runs import CSV_COLUMNS
 TINY = ["--entities", "8", "--relations", "3", "--hidden", "32", "--layers", "1", "--heads", "2",
         "--intermediate", "64", "--pretrain-lr", "1e-2", "--pretrain-max-epochs", "60",
         "--pretrain-target", "0.9", "--epochs", "2", "--batch-size", "8", "--ref-batch", "8",
-        "--threads", "1", "--no-progress"]
-ALL = "ft,cpl,cpl-once,random,random-once,agem,replay,lora"
+        "--threads", "1", "--no-progress", "--lrs", "1e-3"]
+ALL = "ft,cpl,cpl-once,random,random-once,agem,replay,lora,ewc,surgery"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,8 +67,14 @@ def test_results_files(run, capsys):
     assert last["cpl-once"]["frozen"] == pytest.approx(last["random-once"]["frozen"])
     # MaskedAdamW keeps state only for trained elements
     assert last["cpl-once"]["state_mb"] < last["ft"]["state_mb"]
-    for name in ("curves_lr0.001.png", "sweep.png"):
+    for name in ("curves_lr0.001.png", "sweep.png", "frontier.png"):
         assert (run / name).stat().st_size > 1000
+    budget = {r["method"]: r for r in results["meta"]["budget"]}
+    assert set(budget) == set(ALL.split(","))
+    assert budget["ft"]["vs_ft"] in (1.0, None)  # None when fine-tuning learned nothing in budget
+    for r in budget.values():
+        assert r["forgotten"] <= r["budget_facts"] + 1e-9
+        assert 0 <= r["learned"] <= r["n_inject"]
 
 
 def test_resume_skips_completed_cells(run, cache, capsys):
@@ -82,6 +88,29 @@ def test_resume_skips_completed_cells(run, cache, capsys):
     assert (run / "cells" / "ft_lr0.001_seed1.json").is_file()
     table = out[out.index("method"):]
     assert "learned" in table and "forgot" in table and "out-set" in table
+    # The budgeted table comes first, then the last-epoch table.
+    assert out.index("learned within a forgetting budget of 1%") < out.index("after 2 epochs")
+
+
+def test_grid_of_learning_rates_and_ref_every(tmp_path, cache, capsys):
+    """Several lrs: one row per (method, lr) in the last-epoch table, and the budgeted table names
+    the lr it picked; --ref-every reaches the CPL method; --xp-every 0 measures held-out templates
+    only at the last epoch."""
+    out = tmp_path / "g"
+    assert main(["inject", *TINY, "--methods", "ft,cpl", "--lrs", "3e-4,1e-3,3e-3", "--ref-every",
+                 "2", "--xp-every", "0", "--forget-budget", "0.05", "--cache-dir", str(cache),
+                 "--out", str(out), "--no-plots"]) == 0
+    text = capsys.readouterr().out
+    assert "learned within a forgetting budget of 5%" in text
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["ref_every"] == 2
+    assert {(c["method"], c["lr"]) for c in results["cells"]} == \
+        {(m, lr) for m in ("ft", "cpl") for lr in (3e-4, 1e-3, 3e-3)}
+    rows = results["cells"][0]["rows"]
+    assert [r["xp_learned"] is None for r in rows] == [False, True, False]
+    assert [r["step"] for r in rows] == [0, rows[1]["step"], 2 * rows[1]["step"]]
+    budget = {r["method"]: r for r in results["meta"]["budget"]}
+    assert budget["cpl"]["lr"] in (3e-4, 1e-3, 3e-3)
 
 
 def test_existing_run_is_never_overwritten(run, cache, capsys):

@@ -41,7 +41,8 @@ MODEL = [
 ]
 INJECT = [
     ("--methods", "methods", str, "comma list of " + ", ".join(METHODS) + f" (default {','.join(_D.methods)})"),
-    ("--lrs", "lrs", str, "comma list of learning rates; several make a sweep plot (default 1e-3)"),
+    ("--lrs", "lrs", str, "comma list of learning rates; the budgeted metric picks the best (lr, "
+     f"epoch) point of each method (default {','.join(f'{x:g}' for x in _D.lrs)})"),
     ("--seeds", "seeds", str, "comma list of seeds (batch order, sampled batches, masks; default 0)"),
     ("--optimizer", "optimizer", str, f"one of {', '.join(OPTIMIZERS)} (default {_D.optimizer}); "
      "momentum = SGD with --momentum"),
@@ -54,13 +55,24 @@ INJECT = [
      f"(default {_D.reference})"),
     ("--criterion", "criterion", str, "CPL test: 'gradient' (g*r >= 0, before the state update) or "
      f"'update' (u*r >= 0, the paper's table) (default {_D.criterion})"),
-    ("--ref-batch", "ref_batch", int, "rows per mastered batch (per-step reference, A-GEM, replay) "
-     f"(default {_D.ref_batch})"),
+    ("--ref-batch", "ref_batch", int, "rows per mastered batch (per-step reference, A-GEM, replay, "
+     f"surgery) (default {_D.ref_batch})"),
+    ("--ref-every", "ref_every", int, "CPL with --reference step: rebuild the reference every N "
+     f"steps, keeping the last one in between (default {_D.ref_every})"),
     ("--random-frac", "random_frac", float, "frozen fraction of the 'random' method; default: CPL's, "
      "epoch by epoch, from the same lr and seed"),
     ("--lora-r", "lora_r", int, f"LoRA rank (default {_D.lora_r})"),
     ("--lora-alpha", "lora_alpha", int, f"LoRA alpha (default {_D.lora_alpha})"),
+    ("--lora-lr-scale", "lora_lr_scale", float, "LoRA trains at lr x this (adapters start at zero "
+     f"and want a larger rate; default {_D.lora_lr_scale:g}, from a sweep in docs/lab.md)"),
+    ("--ewc-lambda", "ewc_lambda", float, "EWC penalty strength lambda in lambda/2 * sum F "
+     f"(theta - theta0)^2 (default {_D.ewc_lambda:g}, from a sweep in docs/lab.md)"),
     ("--eval-every", "eval_every", int, f"measure every N epochs (default {_D.eval_every}); the last always"),
+    ("--xp-every", "xp_every", int, "measure the held-out templates (xp columns) every N "
+     f"measurements; 0: at the last epoch only (default {_D.xp_every}); they cost half as much again"),
+    ("--forget-budget", "forget_budget", float, "budgeted metric: most facts learned while forgetting "
+     f"at most this fraction of the mastered facts (default {_D.forget_budget:g}; 0 and 0.05 are "
+     "always reported too)"),
     ("--device", "device", str, f"torch device (default {_D.device})"),
     ("--threads", "threads", int, f"torch CPU threads (default {_D.threads})"),
 ]
@@ -85,8 +97,9 @@ def _common(p):
                    "(method, lr, seed) cells are skipped; its configuration must match")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--demo", action="store_true", help="the embedded default sized for a few "
-                   "minutes on 2 CPU cores: ft, cpl, random and replay; other options override it")
+    p.add_argument("--demo", action="store_true", help="the embedded default sized for under 5 "
+                   "minutes on 2 CPU cores: ft, cpl and replay at 3 lrs, 60 entities, one thread; "
+                   "other options override it")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -100,7 +113,8 @@ def parser() -> argparse.ArgumentParser:
                          "the same batches and budget; learned/forgotten are measured per epoch, also "
                          "on held-out question templates (xp = cross-prompt).",
                          epilog="methods:\n" + "\n".join(f"  {k:<12} {v}" for k, v in METHOD_HELP.items())
-                         + "\n\nexample: cpl inject --demo --lrs 3e-4,1e-3,3e-3 --seeds 0,1,2",
+                         + "\n\nexample: cpl inject --demo --methods ft,cpl,replay,agem,lora,random,ewc,surgery "
+                         "--seeds 0,1,2",
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(inj)
     _add(inj, "injection", INJECT)

@@ -16,7 +16,7 @@ def _setup(cfg: LabConfig) -> None:
 
 
 def inject_command(cfg: LabConfig, args) -> int:
-    from . import plots
+    from . import budget, plots
     from .lab import prepare
     from .report import table
     from .runner import run_grid
@@ -31,11 +31,15 @@ def inject_command(cfg: LabConfig, args) -> int:
     meta = {"lab": lab.summary(), "memory": cells[-1]["memory"] if cells else None,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version(), "seconds": round(time.perf_counter() - t0, 1)}
-    json_path, csv_path = run.write_results(meta)
     all_cells = run.all_cells()
+    meta["budget"] = budget.json_safe(budget.budget_rows(all_cells, cfg.forget_budget))
+    json_path, csv_path = run.write_results(meta)
     written = []
     if not args.no_plots:
-        written = plots.curves(all_cells, run.path) + [plots.sweep(all_cells, run.path)]
+        written = [plots.frontier(all_cells, run.path, cfg.forget_budget)] + \
+            plots.curves(all_cells, run.path) + [plots.sweep(all_cells, run.path)]
+    print()
+    print(budget.table(all_cells, cfg.forget_budget))
     print()
     print(table(all_cells))
     print(f"\nmemory: {meta['memory']}; xp = held-out templates (cross-prompt)")

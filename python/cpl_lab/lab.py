@@ -28,6 +28,13 @@ class Lab:
     eval_train: Encoded      # all split items, training phrasings
     eval_heldout: Encoded    # all split items with held-out phrasings (cross-prompt)
     base_heldout: torch.Tensor  # [n_items] bool, held-out correctness before injection
+    _before: dict | None = None
+
+    def measure_before(self) -> dict:
+        """measure() of the untrained model: the epoch-0 row of every cell, computed once."""
+        if self._before is None:
+            self._before = self.measure(self.model)
+        return dict(self._before)
 
     @property
     def model(self):
@@ -42,9 +49,10 @@ class Lab:
     def mastered(self) -> list[int]:
         return self.split.mastered_in + self.split.mastered_out
 
-    def measure(self, model) -> dict:
+    def measure(self, model, heldout: bool = True) -> dict:
         """learned / forgotten (in-set, out-of-set) on training phrasings, the same on held-out
-        phrasings (cross-prompt), and the mean loss on mastered questions."""
+        phrasings (cross-prompt; None when heldout=False: they cost half as much again), and the
+        mean loss on mastered questions."""
         n = len(self.items)
         s = self.split
         rows, losses = score(model, self.eval_train)
@@ -59,7 +67,7 @@ class Lab:
             "inject_loss": float(losses[~is_mastered[self.eval_train.item]].mean()),
         }
         out["forgotten"] = out["forgotten_in"] + out["forgotten_out"]
-        if len(self.eval_heldout):
+        if heldout and len(self.eval_heldout):
             hrows, _ = score(model, self.eval_heldout)
             hok = item_correct(self.eval_heldout, hrows, n)
             has = torch.zeros(n, dtype=torch.bool)

@@ -14,7 +14,7 @@ from .methods import REGISTRY, Context
 from .runs import RunDir
 
 # "random" matches the frozen fraction of the CPL cell with the same lr and seed, so CPL runs first.
-ORDER = ("ft", "cpl", "cpl-once", "random", "random-once", "agem", "replay", "lora")
+ORDER = ("ft", "cpl", "cpl-once", "random", "random-once", "agem", "replay", "lora", "ewc", "surgery")
 
 
 def run_cell(lab: Lab, method: str, lr: float, seed: int, frozen_target=None,
@@ -32,10 +32,16 @@ def run_cell(lab: Lab, method: str, lr: float, seed: int, frozen_target=None,
              "n_mastered_out": len(lab.split.mastered_out)}
     key = {"method": method, "lr": lr, "seed": seed}
 
-    def row(epoch, loss, wall, frozen, impl):
-        m = lab.measure(impl.eval_model if impl else model)
+    evals = 0
+
+    def row(epoch, loss, wall, frozen, impl, step=0):
+        nonlocal evals
+        # Held-out templates: every xp_every-th measurement, always the last one (and epoch 0).
+        xp = epoch in (0, cfg.epochs) or (cfg.xp_every > 0 and evals % cfg.xp_every == 0)
+        evals += 1
+        m = lab.measure(impl.eval_model, heldout=xp) if impl else lab.measure_before()
         keys = m.pop("forgotten_keys")
-        return {**key, "epoch": epoch, **sizes, **m, "loss": loss, "wall_s": round(wall, 3),
+        return {**key, "epoch": epoch, "step": step, **sizes, **m, "loss": loss, "wall_s": round(wall, 3),
                 "peak_mem_mb": round(mem.peak_mb(), 1),
                 "state_mb": round(impl.state_bytes() / 2**20, 4) if impl else 0.0,
                 "frozen": frozen}, keys
@@ -47,6 +53,7 @@ def run_cell(lab: Lab, method: str, lr: float, seed: int, frozen_target=None,
     steps = -(-len(lab.inject) // cfg.batch_size) * cfg.epochs
     bar = tqdm(total=steps, desc=f"{method} lr={lr:g} seed={seed}", disable=not progress, leave=False)
     keys = []
+    done = 0
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         impl.start_epoch(epoch)
@@ -54,11 +61,12 @@ def run_cell(lab: Lab, method: str, lr: float, seed: int, frozen_target=None,
         for batch in lab.inject.batches(cfg.batch_size, gen):
             total += impl.step(batch) * len(batch)
             n += len(batch)
+            done += 1
             bar.update(1)
         wall += time.perf_counter() - t0
         frozen = impl.take_frozen()
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            r, keys = row(epoch, total / n, wall, frozen, impl)
+            r, keys = row(epoch, total / n, wall, frozen, impl, done)
             rows.append(r)
             bar.set_postfix(learned=r["learned"], forgot=r["forgotten"])
     bar.close()

@@ -21,7 +21,7 @@ from pathlib import Path
 from .config import LabConfig
 from .formats import data_sha256
 
-CSV_COLUMNS = ("method", "lr", "seed", "epoch", "learned", "n_inject", "forgotten", "forgotten_in",
+CSV_COLUMNS = ("method", "lr", "seed", "epoch", "step", "learned", "n_inject", "forgotten", "forgotten_in",
                "forgotten_out", "n_mastered_in", "n_mastered_out", "xp_learned", "xp_forgotten",
                "loss", "mastered_loss", "wall_s", "peak_mem_mb", "state_mb", "frozen")
 

@@ -2,8 +2,11 @@
 from .base import Context, Method, loss_fn  # noqa: F401
 from .baselines import AGEM, FineTune, Replay
 from .cpl import CPL, RandomMask
+from .ewc import EWC
 from .lora import LoRA
 from .static import CPLOnce, RandomOnce
+from .surgery import Surgery
 
-REGISTRY = {cls.name: cls for cls in (FineTune, CPL, CPLOnce, RandomMask, RandomOnce, AGEM, Replay, LoRA)}
+REGISTRY = {cls.name: cls for cls in (FineTune, CPL, CPLOnce, RandomMask, RandomOnce, AGEM, Replay,
+                                      LoRA, EWC, Surgery)}
 

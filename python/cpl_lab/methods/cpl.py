@@ -14,12 +14,14 @@ class CPL(Method):
 
     reference="epoch": the reference is the mean gradient over the whole mastered in-set, rebuilt
     at the start of every epoch (the paper's schedule). reference="step": rebuilt before every step
-    from a fresh random batch of ref_batch in-set questions (the prototype's schedule)."""
+    from a fresh random batch of ref_batch in-set questions (the prototype's schedule), or every
+    ref_every steps, keeping the last reference in between."""
     name = "cpl"
 
     def __init__(self, model, ctx: Context):
         super().__init__(model, ctx)
         self.opt = optimizers.cpl(trainable(model), ctx.lr, ctx.cfg)
+        self.steps = 0
 
     def start_epoch(self, epoch):
         if self.ctx.cfg.reference == "epoch":
@@ -27,10 +29,12 @@ class CPL(Method):
             cpl_kernels.build_reference(self.opt, self.model, batches, loss_fn, progress=False)
 
     def step(self, batch):
-        if self.ctx.cfg.reference == "step":
+        cfg = self.ctx.cfg
+        if cfg.reference == "step" and self.steps % cfg.ref_every == 0:
             # Cheapest before the injection backward: build_reference has no gradient to set aside.
             cpl_kernels.build_reference(self.opt, self.model, [self.mastered_batch()], loss_fn,
                                         progress=False)
+        self.steps += 1
         loss = self.backward(batch)
         self.opt.step()
         self.record_frozen(self.opt.frozen_fraction)
