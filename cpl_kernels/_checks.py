@@ -1,6 +1,8 @@
 """Input validation shared by every backend: one clear error naming the argument and the problem."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -57,7 +59,7 @@ def criterion(op: str, value: str, strict: bool = True) -> None:
 
 def hyper(op: str, **values: float) -> None:
     for name, v in values.items():
-        if not isinstance(v, (int, float)) or v != v:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             _fail(op, name, f"must be a finite number, got {v!r}")
     if "lr" in values and values["lr"] < 0:
         _fail(op, "lr", f"must be >= 0, got {values['lr']}")
@@ -84,3 +86,62 @@ def param_and_grad(op: str, param: Tensor, grad: Tensor) -> None:
 
 def fp32_state(op: str, name: str, t: Tensor, param: Tensor, numel: int | None = None) -> None:
     tensor(op, name, t, dtypes=(torch.float32,), like=param, numel=param.numel() if numel is None else numel)
+
+
+def compact_state(op: str, mask_words: Tensor, block_offsets: Tensor, numel: int, state_len: int) -> None:
+    """The compact-state invariant of docs/design.md section 3, checked before anything is
+    written (the Python backends' copy of the C++ pre-pass in csrc/cpu/masked_adamw.cpp, with
+    the same messages): no mask bits past `numel`, block_offsets[0] == 0, block_offsets[b+1] ==
+    block_offsets[b] + popcount(block b), and the last offset plus its block's popcount ==
+    state_len (the length of exp_avg). Then every compact index lies in [0, state_len).
+
+    Shapes and dtypes are the caller's to check. Vectorised (SWAR popcount of the words, per-block
+    sums) on the tensors' device, with one host sync when the state is valid; the detailed
+    message is built only on failure."""
+    blocks = ref.num_offset_blocks(numel)
+    if blocks == 0:
+        if state_len != 0:
+            _fail(op, "exp_avg", f"has {state_len} entries but an empty 'param' has no active elements")
+        return
+    per_block = ref.mask_block_counts(mask_words, numel)
+    off = block_offsets.reshape(-1)
+    tail_bits = numel % ref.BITS_PER_WORD
+    bits_ok = torch.ones((), dtype=torch.bool, device=off.device)
+    if tail_bits:
+        last_word = mask_words.reshape(-1)[-1:].to(torch.int64) & 0xFFFFFFFF
+        bits_ok = (last_word >> tail_bits).eq(0).all()
+    in_range = (off >= 0) & (off <= state_len)
+    links = torch.empty(blocks, dtype=torch.bool, device=off.device)
+    links[:1] = off[:1] == 0
+    links[1:] = off[1:] == off[:-1] + per_block[:-1]
+    total_ok = off[-1] + per_block[-1] == state_len
+    if bool(bits_ok & (in_range & links).all() & total_ok):  # the one host sync
+        return
+    _compact_state_error(op, mask_words, off.cpu(), per_block.cpu(), numel, state_len, bool(bits_ok))
+
+
+def _compact_state_error(op: str, mask_words: Tensor, off: Tensor, per_block: Tensor, numel: int,
+                         state_len: int, bits_ok: bool) -> None:
+    """Raises for the first violation, in the order (and wording) of the C++ check."""
+    if not bits_ok:
+        _fail(op, "mask_words", f"has bits set past the last of the {numel} elements")
+    o, c = off.tolist(), per_block.tolist()
+    for b, x in enumerate(o):
+        if x < 0:
+            _fail(op, "block_offsets", f"has a negative entry: block_offsets[{b}] = {x}")
+        if x > state_len:
+            _fail(op, "block_offsets", f"entry block_offsets[{b}] = {x} exceeds the {state_len} "
+                                       "entries of 'exp_avg'")
+        if b == 0 and x != 0:
+            _fail(op, "block_offsets", f"must start at 0, got block_offsets[0] = {x}")
+        if b > 0 and x < o[b - 1]:
+            _fail(op, "block_offsets", f"decreases at block {b}: block_offsets[{b}] = {x} < "
+                                       f"block_offsets[{b - 1}] = {o[b - 1]}")
+        if b > 0 and x != o[b - 1] + c[b - 1]:
+            _fail(op, "block_offsets", f"does not match 'mask_words' at block {b}: block_offsets[{b}] "
+                                       f"= {x}, but block_offsets[{b - 1}] = {o[b - 1]} plus the "
+                                       f"{c[b - 1]} active elements of block {b - 1} make {o[b - 1] + c[b - 1]}")
+    last = len(o) - 1
+    _fail(op, "exp_avg", f"has {state_len} entries but the mask has {o[last] + c[last]} active elements "
+                         f"(block_offsets[{last}] = {o[last]} plus the {c[last]} of block {last}); "
+                         "the compact state needs exactly one entry per active element")

@@ -1,7 +1,7 @@
 """Pure-PyTorch implementation of every op: the oracle the kernels are tested against, and the
 fallback on devices no kernel serves.
 
-Layouts (shared by every backend; see docs/ops.md):
+Layouts (shared by every backend; docs/design.md section 3):
 
 * sign codes: 2 bits per element, 16 elements per int32 word, element i at bits 2*(i % 16) of
   word i // 16. Code 0 = zero (also NaN), 1 = positive, 2 = negative; unused bits are 0.
@@ -12,9 +12,36 @@ Layouts (shared by every backend; see docs/ops.md):
   block).
 
 All math is fp32 whatever the param dtype; sums in contribution_stats are fp64.
-The functions here take already-validated inputs (cpl_kernels.ops validates).
+The functions here take already-validated shapes and dtypes (cpl_kernels.ops validates); the
+masked step still checks its compact state itself, as every backend does (docs/design.md
+section 3).
+
+Rounding of the optimizer steps (the contract the kernels match bit for bit; which backends
+the tests hold to it: tests/tolerances.py):
+
+* Scalars are rounded once to fp32 exactly as csrc/cpu/adam_math.h (make_adam_hyper) does:
+  lr, betas, eps, weight_decay and momentum directly; 1 - beta1, 1 - beta2, 1 - dampening and the
+  bias corrections 1 - beta1**t and sqrt(1 - beta2**t) computed in double first (C pow and sqrt).
+* Every tensor operation is one IEEE fp32 operation, correctly rounded to nearest even, in the
+  operation order of the C++ kernels (csrc/cpu/adam_math.h adam_direction, adam_kernel.h,
+  sgd_step.cpp, masked_adamw.cpp): no fused multiply-add, no reciprocal for a division.
+  Each is computed in float64 and rounded to fp32 (_mul, _add, _sub, _div, _sqrt below). That
+  is exact: a float64 result rounded to fp32 equals the correctly rounded fp32 result for +, -,
+  *, / and sqrt of fp32 operands, since 53 >= 2*24 + 2 (double rounding is innocuous).
+  torch's eager fp32 ops are not this contract: `add_(x, alpha=a)` and `addcmul_` fuse a
+  multiply-add on CPU, fp32 `sqrt` is not always correctly rounded, and a division by a scalar
+  may become a multiply by its reciprocal. Written with them, this oracle differed from the C++
+  kernel by an ulp on 1,181 of 4,096 exp_avg, 91 exp_avg_sq and 52 params after one AdamW step
+  (random input, lr 0.05, wd 0.1), and frozen counts differed on near-ties.
+* bf16/fp16 params are widened exactly, the step is the fp32 computation above, and the result
+  is rounded to the param dtype once (round to nearest even, as tensor.to(dtype)).
+* On a device without float64 (MPS) the steps run on CPU copies and copy their results back.
 """
 from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -115,6 +142,98 @@ def _collaborative(x: Tensor, signs: Tensor) -> Tensor:
     return ~(((x > 0) & (signs < 0)) | ((x < 0) & (signs > 0)))
 
 
+# ---- fp32 arithmetic, one correctly rounded operation at a time (see the module docstring) ----
+
+def f32(x: float) -> float:
+    """x rounded to the nearest fp32 (as C's static_cast<float>(double)), as a Python float."""
+    return torch.tensor(float(x), dtype=torch.float64).to(torch.float32).item()
+
+
+def _wide(x):
+    return x.to(torch.float64) if isinstance(x, Tensor) else x
+
+
+def _mul(a, b) -> Tensor:
+    return (_wide(a) * _wide(b)).to(torch.float32)
+
+
+def _add(a, b) -> Tensor:
+    return (_wide(a) + _wide(b)).to(torch.float32)
+
+
+def _sub(a, b) -> Tensor:
+    return (_wide(a) - _wide(b)).to(torch.float32)
+
+
+def _div(a: Tensor, b) -> Tensor:
+    a = _wide(a)
+    # A tensor divisor, never a Python scalar: torch may divide by a scalar as a multiply by its
+    # reciprocal, which is not the correctly rounded quotient.
+    b = _wide(b) if isinstance(b, Tensor) else torch.full_like(a, b)
+    return (a / b).to(torch.float32)
+
+
+def _sqrt(a: Tensor) -> Tensor:
+    return _wide(a).sqrt().to(torch.float32)
+
+
+def _fp64_on_cpu(*mutated: str):
+    """Devices without float64 (MPS) run the step on CPU copies; the tensors named in `mutated`
+    are copied back. Every other device computes in place."""
+    def wrap(fn):
+        import inspect
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            device = bound.arguments["param"].device
+            if device.type != "mps":
+                return fn(*args, **kwargs)
+            host = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in bound.arguments.items()}
+            out = fn(**host)
+            for k in mutated:
+                if isinstance(bound.arguments[k], Tensor):
+                    bound.arguments[k].copy_(host[k])
+            return out.to(device) if isinstance(out, Tensor) else out
+        return run
+    return wrap
+
+
+class AdamHyper(NamedTuple):
+    """The fp32 scalars of one Adam step, as csrc/cpu/adam_math.h make_adam_hyper rounds them."""
+    lr: float
+    beta1: float
+    beta2: float
+    one_minus_beta1: float
+    one_minus_beta2: float
+    bias_correction1: float
+    bias_correction2_sqrt: float
+    eps: float
+    weight_decay: float
+
+
+def adam_hyper(step: float, lr: float, beta1: float, beta2: float, eps: float,
+               weight_decay: float) -> AdamHyper:
+    """Bias corrections in double (C pow and sqrt, as std::pow/std::sqrt), then every scalar
+    rounded once to fp32. Also what the Triton kernels receive."""
+    return AdamHyper(f32(lr), f32(beta1), f32(beta2), f32(1.0 - beta1), f32(1.0 - beta2),
+                     f32(1.0 - math.pow(beta1, step)), f32(math.sqrt(1.0 - math.pow(beta2, step))),
+                     f32(eps), f32(weight_decay))
+
+
+def _adam_direction(g: Tensor, m: Tensor, v: Tensor, h: AdamHyper) -> Tensor:
+    """Updates m, v (fp32, in place) with gradient g; returns mhat / (sqrt(vhat) + eps).
+    Operation order of adam_math.h adam_direction:
+      m = m*b1 + (1-b1)*g;  v = v*b2 + ((1-b2)*g)*g;  u = (m/bc1) / (sqrt(v)/sqrt(bc2) + eps)."""
+    m_new = _add(_mul(m, h.beta1), _mul(h.one_minus_beta1, g))
+    v_new = _add(_mul(v, h.beta2), _mul(_mul(h.one_minus_beta2, g), g))
+    m.copy_(m_new)
+    v.copy_(v_new)
+    return _div(_div(m_new, h.bias_correction1), _add(_div(_sqrt(v_new), h.bias_correction2_sqrt), h.eps))
+
+
+@_fp64_on_cpu("param", "exp_avg", "exp_avg_sq")
 def cpl_adam_step_(
     param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, codes: Tensor | None,
     step: float, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
@@ -124,44 +243,48 @@ def cpl_adam_step_(
 
     Returns the number of conflicting elements (int64 0-dim tensor): those frozen this step, or,
     for criterion="gradient", strict=False, those whose gradient was zeroed.
+    fp32 rounding as the module docstring states; the order is csrc/cpu/adam_kernel.h's:
+    L2: g = g + wd*p;  u = adam_direction(g);  AdamW: u = u + wd*p;  p = p - lr*u.
     """
+    h = adam_hyper(step, lr, beta1, beta2, eps, weight_decay)
     p = param.reshape(-1).float()
     g = grad.reshape(-1).float()
     if not decoupled and weight_decay != 0:
-        g = g + weight_decay * p
+        g = _add(g, _mul(h.weight_decay, p))
     n = p.numel()
     ok = torch.ones(n, dtype=torch.bool, device=p.device)
     signs = unpack_signs(codes, n) if codes is not None else None
     if signs is not None and criterion == "gradient":
         ok = _collaborative(g, signs)
         g = torch.where(ok, g, torch.zeros_like(g))
-    m = exp_avg.view(-1)
-    v = exp_avg_sq.view(-1)
-    m.mul_(beta1).add_(g, alpha=1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    bc1 = 1 - beta1**step
-    bc2_sqrt = (1 - beta2**step) ** 0.5
-    u = (m / bc1) / (v.sqrt() / bc2_sqrt + eps)
+    u = _adam_direction(g, exp_avg.view(-1), exp_avg_sq.view(-1), h)
     if decoupled and weight_decay != 0:
-        u = u + weight_decay * p
+        u = _add(u, _mul(h.weight_decay, p))
     if signs is not None and criterion == "update":
         ok = _collaborative(u, signs)
     apply = ok if (criterion == "update" or strict) else torch.ones_like(ok)
-    new_p = torch.where(apply, p - lr * u, p)
+    new_p = torch.where(apply, _sub(p, _mul(h.lr, u)), p)
     param.view(-1).copy_(new_p.to(param.dtype))
     return (~ok).sum().to(torch.int64)
 
 
+@_fp64_on_cpu("param", "momentum_buffer")
 def cpl_sgd_step_(
     param: Tensor, grad: Tensor, momentum_buffer: Tensor | None, codes: Tensor | None,
     lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
     init_buffer: bool, criterion: str, strict: bool,
 ) -> Tensor:
-    """SGD with optional momentum, as torch.optim.SGD (buffer = first gradient when init_buffer)."""
+    """SGD with optional momentum, as torch.optim.SGD (buffer = first gradient when init_buffer).
+
+    fp32 rounding as the module docstring states; the order is csrc/cpu/sgd_step.cpp's:
+    g = g + wd*p;  buf = g (first step) or buf*mu + (1-dampening)*g;  u = buf, or g + mu*buf
+    (Nesterov);  p = p - lr*u.
+    """
+    lr_f, momentum_f, one_minus_dampening, wd = f32(lr), f32(momentum), f32(1.0 - dampening), f32(weight_decay)
     p = param.reshape(-1).float()
     g = grad.reshape(-1).float()
     if weight_decay != 0:
-        g = g + weight_decay * p
+        g = _add(g, _mul(wd, p))
     n = p.numel()
     ok = torch.ones(n, dtype=torch.bool, device=p.device)
     signs = unpack_signs(codes, n) if codes is not None else None
@@ -171,45 +294,63 @@ def cpl_sgd_step_(
     u = g
     if momentum != 0:
         buf = momentum_buffer.view(-1)
-        if init_buffer:
-            buf.copy_(g)
-        else:
-            buf.mul_(momentum).add_(g, alpha=1 - dampening)
-        u = g + momentum * buf if nesterov else buf
+        buf.copy_(g if init_buffer else _add(_mul(buf, momentum_f), _mul(one_minus_dampening, g)))
+        u = _add(g, _mul(momentum_f, buf)) if nesterov else buf.clone()
     if signs is not None and criterion == "update":
         ok = _collaborative(u, signs)
     apply = ok if (criterion == "update" or strict) else torch.ones_like(ok)
-    new_p = torch.where(apply, p - lr * u, p)
+    new_p = torch.where(apply, _sub(p, _mul(lr_f, u)), p)
     param.view(-1).copy_(new_p.to(param.dtype))
     return (~ok).sum().to(torch.int64)
 
 
+# ---- compact state ---------------------------------------------------------------------------
+
+def mask_word_popcounts(mask_words: Tensor) -> Tensor:
+    """Set bits of each int32 mask word (int64), by SWAR bit tricks on int64 lanes: vectorised
+    on any device, no unpacking to one value per element."""
+    w = mask_words.to(torch.int64) & 0xFFFFFFFF
+    w = w - ((w >> 1) & 0x55555555)
+    w = (w & 0x33333333) + ((w >> 2) & 0x33333333)
+    w = (w + (w >> 4)) & 0x0F0F0F0F
+    return ((w * 0x01010101) >> 24) & 0xFF  # w <= 0x0F0F0F0F, so the product stays below 2**56
+
+
+def mask_block_counts(mask_words: Tensor, numel: int) -> Tensor:
+    """Active elements in each 1024-element block (int64, one per block_offsets entry)."""
+    words_per_block = OFFSET_BLOCK // BITS_PER_WORD
+    blocks = num_offset_blocks(numel)
+    counts = torch.zeros(blocks * words_per_block, dtype=torch.int64, device=mask_words.device)
+    counts[: mask_words.numel()] = mask_word_popcounts(mask_words.reshape(-1))
+    return counts.view(blocks, words_per_block).sum(dim=1)
+
+
 def mask_block_offsets(mask_words: Tensor, numel: int) -> Tensor:
     """block_offsets for a packed mask: active elements before each 1024-element block."""
-    active = unpack_mask(mask_words, numel).to(torch.int64)
-    blocks = num_offset_blocks(numel)
-    padded = torch.zeros(blocks * OFFSET_BLOCK, dtype=torch.int64, device=active.device)
-    padded[:numel] = active
-    per_block = padded.view(blocks, OFFSET_BLOCK).sum(dim=1)
+    per_block = mask_block_counts(mask_words, numel)
     return torch.cumsum(per_block, 0) - per_block
 
 
+@_fp64_on_cpu("param", "exp_avg", "exp_avg_sq")
 def masked_adamw_step_(
     param: Tensor, grad: Tensor, mask_words: Tensor, block_offsets: Tensor,
     exp_avg: Tensor, exp_avg_sq: Tensor, step: float, lr: float, beta1: float, beta2: float,
     eps: float, weight_decay: float,
 ) -> None:
     """AdamW on active elements only, with m and v stored compactly (one entry per active
-    element, in element order). Inactive elements never move (no decay either)."""
+    element, in element order). Inactive elements never move (no decay either).
+
+    Raises ValueError, before writing anything, unless mask_words, block_offsets and the length
+    of exp_avg satisfy the compact-state invariant (docs/design.md section 3; every backend
+    checks it: cpl_kernels._checks.compact_state). fp32 rounding as the module docstring
+    states; the order is csrc/cpu/masked_adamw.cpp's: p = p - lr*(adam_direction(g) + wd*p)."""
+    from . import _checks  # _checks imports this module
+
     n = param.numel()
+    _checks.compact_state("masked_adamw_step_", mask_words, block_offsets, n, exp_avg.numel())
+    h = adam_hyper(step, lr, beta1, beta2, eps, weight_decay)
     active = unpack_mask(mask_words, n)
     p = param.reshape(-1).float()[active]
     g = grad.reshape(-1).float()[active]
-    m, v = exp_avg.view(-1), exp_avg_sq.view(-1)
-    m.mul_(beta1).add_(g, alpha=1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    bc1 = 1 - beta1**step
-    bc2_sqrt = (1 - beta2**step) ** 0.5
-    u = (m / bc1) / (v.sqrt() / bc2_sqrt + eps) + weight_decay * p
-    flat = param.view(-1)
-    flat[active] = (p - lr * u).to(param.dtype)
+    u = _add(_adam_direction(g, exp_avg.view(-1), exp_avg_sq.view(-1), h), _mul(h.weight_decay, p))
+    param.view(-1)[active] = _sub(p, _mul(h.lr, u)).to(param.dtype)

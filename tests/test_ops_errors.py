@@ -72,13 +72,14 @@ def test_masked_adamw_rejects_bad_compact_state():
 
 def test_native_kernel_rejects_too_small_compact_state_without_writing_past_it():
     """Called directly (bypassing the wrapper's checks), the C++ kernel still refuses a state
-    shorter than the mask's active count instead of writing out of bounds."""
+    shorter than the mask's active count instead of writing out of bounds (every corruption of
+    the compact state, on every backend: tests/test_ops_index_safety.py)."""
     if not torch._C._dispatch_has_kernel_for_dispatch_key("cpl::masked_adamw_step_", "CPU"):
         pytest.skip("native CPU kernels not built")
     p, g = torch.randn(100), torch.randn(100)
     words = ref.pack_mask(torch.ones(100, dtype=torch.bool))
     offsets = ref.mask_block_offsets(words, 100)
-    with pytest.raises(RuntimeError, match="more active elements than 'exp_avg' holds"):
+    with pytest.raises(ValueError, match="'exp_avg' has 10 entries but the mask has 100 active elements"):
         torch.ops.cpl.masked_adamw_step_(p, g, words, offsets, torch.zeros(10), torch.zeros(10),
                                          1.0, 1e-3, 0.9, 0.999, 1e-8, 0.0)
 

@@ -1,4 +1,4 @@
-"""CPL optimizers against the rule of DESIGN.md section 1, written here in plain PyTorch (not via
+"""CPL optimizers against the rule of docs/design.md section 1, written here in plain PyTorch (not via
 cpl_kernels.reference), for 50 steps with a reference refreshed mid-run."""
 import pytest
 import torch

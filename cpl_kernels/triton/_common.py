@@ -22,21 +22,29 @@ STATS_BLOCK_WORDS = 32  # x 32 elements = 1024 per program
 PACK_BLOCK_WORDS = 128
 
 
-# Under the interpreter (CPU tests) a few numpy-backed ops round differently from the GPU and from
-# torch; the helpers below emulate the right rounding there and use the hardware op on a GPU.
+# Under the interpreter (CPU tests) the fp32 -> bf16 store rounds differently from the GPU and
+# from torch; store_param below emulates the right rounding there and uses the hardware op on a GPU.
 _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def exact_fp(device: torch.device) -> dict:
+    """Launch options of every step kernel, for the reference's rounding (reference.py docstring):
+    no contraction of a*b + c into an FMA (Triton fuses by default: LLVM contraction and ptxas
+    --fmad=true), and on NVIDIA no flushing of subnormals in the libdevice sqrt_rn/div_rn
+    (Triton sets __CUDA_FTZ by default; tiny Adam state such as v ~ 1e-40 is subnormal). The
+    interpreter accepts and ignores both (numpy rounds every operation and keeps subnormals);
+    enable_reflect_ftz exists only in the NVIDIA backend, which rejects unknown options."""
+    options = dict(enable_fp_fusion=False)
+    if device.type == "cuda" and torch.version.hip is None:
+        options["enable_reflect_ftz"] = False
+    return options
+
+
 @triton.jit
-def fma32(a, b, c):
-    """a * b + c rounded once, as torch's CPU kernels compute `c.add_(a, alpha=b)` (vec::fmadd).
-    Matching it matters for optimizer state near zero, where a second rounding is a relative
-    error far above the state tolerance."""
-    if _INTERPRET:
-        b64 = tl.cast(b, tl.float32).to(tl.float64)  # scalar args arrive as Python floats
-        return (a.to(tl.float64) * b64 + c.to(tl.float64)).to(tl.float32)
-    else:
-        return tl.fma(a, b, c)
+def adam_state(g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2):
+    """m*b1 + (1-b1)*g and v*b2 + ((1-b2)*g)*g, each product and sum rounded on its own, in the
+    reference's order (reference._adam_direction; needs exact_fp() at launch)."""
+    return m * beta1 + one_minus_beta1 * g, v * beta2 + (one_minus_beta2 * g) * g
 
 
 @triton.jit
@@ -88,8 +96,3 @@ def grid(n: int, per_program: int) -> tuple[int]:
 def dummy_int32(device: torch.device) -> torch.Tensor:
     """Stands in for an absent optional tensor (the kernel never dereferences it)."""
     return torch.zeros(1, dtype=torch.int32, device=device)
-
-
-def bias_corrections(step: float, beta1: float, beta2: float) -> tuple[float, float]:
-    """Computed in double on the host exactly as the reference does, then passed as fp32."""
-    return 1.0 - beta1 ** step, (1.0 - beta2 ** step) ** 0.5

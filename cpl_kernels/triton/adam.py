@@ -1,7 +1,9 @@
 """cpl_adam_step_: one fused pass (read p, g, m, v, codes; write p, m, v) per Adam/AdamW step.
 
-The element math is `adam_update` below, shared with the multi-tensor kernel so the two can
-never drift apart. It follows cpl_kernels/reference.py operation by operation in fp32.
+The element math is `adam_update` below. It follows cpl_kernels/reference.py operation by
+operation in fp32, each operation rounded on its own (launch options exact_fp), with the
+scalars the reference rounds (reference.adam_hyper). There is no multi-tensor Triton kernel:
+cpl_kernels/multi_tensor.py loops over this single-tensor kernel (one launch per tensor).
 """
 from __future__ import annotations
 
@@ -9,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (STEP_BLOCK_WORDS, adam_direction, bias_corrections, collaborative,
-                      decode_signs, dummy_int32, fma32, grid,
-                      store_param)
+from .. import reference as ref
+from ._common import (STEP_BLOCK_WORDS, adam_direction, adam_state, collaborative, decode_signs,
+                      dummy_int32, exact_fp, grid, store_param)
 
 
 @triton.jit
@@ -27,8 +29,7 @@ def adam_update(p, g, m, v, s, valid, lr, beta1, one_minus_beta1, beta2, one_min
     else:
         ok = collaborative(g, s)
         g = tl.where(ok, g, 0.0)  # the state only accumulates collaborative gradient
-    m = fma32(g, one_minus_beta1, beta1 * m)
-    v = fma32(one_minus_beta2 * g, g, beta2 * v)
+    m, v = adam_state(g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2)
     u = adam_direction(m, v, bc1, bc2_sqrt, eps)
     if DECOUPLED_DECAY:
         u = u + weight_decay * p
@@ -77,11 +78,13 @@ def cpl_adam_step_(param, grad, exp_avg, exp_avg_sq, codes, step, lr, beta1, bet
     if programs == 0:
         return torch.zeros((), dtype=torch.int64, device=param.device)
     partial = torch.empty(programs, dtype=torch.int64, device=param.device)
-    bc1, bc2_sqrt = bias_corrections(step, beta1, beta2)
+    h = ref.adam_hyper(step, lr, beta1, beta2, eps, weight_decay)  # fp32 values: passed exactly
     _adam_kernel[(programs,)](
         param, grad, exp_avg, exp_avg_sq, codes if codes is not None else dummy_int32(param.device),
-        partial, n, lr, beta1, 1.0 - beta1, beta2, 1.0 - beta2, bc1, bc2_sqrt, eps, weight_decay,
+        partial, n, h.lr, h.beta1, h.one_minus_beta1, h.beta2, h.one_minus_beta2, h.bias_correction1,
+        h.bias_correction2_sqrt, h.eps, h.weight_decay,
         HAS_CODES=codes is not None, L2_DECAY=(not decoupled) and weight_decay != 0,
         DECOUPLED_DECAY=decoupled and weight_decay != 0,
-        CRITERION_UPDATE=criterion == "update", STRICT=bool(strict), BLOCK_WORDS=STEP_BLOCK_WORDS)
+        CRITERION_UPDATE=criterion == "update", STRICT=bool(strict), BLOCK_WORDS=STEP_BLOCK_WORDS,
+        **exact_fp(param.device))
     return partial.sum()

@@ -3,19 +3,26 @@
 One program per 1024-element offset block: block_offsets gives the compact index of the block's
 first active element, and an exclusive prefix sum of the mask bits inside the block gives the
 rest, so no program depends on another.
+
+Index safety (docs/design.md section 3): the host checks the compact-state invariant before the
+launch (cpl_kernels._checks.compact_state, shared with the reference: one host sync per step),
+and the kernel still masks out any compact index outside [0, state_len). fp32 arithmetic as
+reference.masked_adamw_step_ (launch options exact_fp).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from ._common import adam_direction, bias_corrections, fma32, store_param
+from .. import _checks
+from .. import reference as ref
+from ._common import adam_direction, adam_state, exact_fp, store_param
 
-OFFSET_BLOCK = 1024  # reference.OFFSET_BLOCK: elements per block_offsets entry
+OFFSET_BLOCK = ref.OFFSET_BLOCK  # elements per block_offsets entry
 
 
 @triton.jit
-def _masked_adamw_kernel(p_ptr, g_ptr, mask_ptr, offsets_ptr, m_ptr, v_ptr, n, lr, beta1,
+def _masked_adamw_kernel(p_ptr, g_ptr, mask_ptr, offsets_ptr, m_ptr, v_ptr, n, state_len, lr, beta1,
                          one_minus_beta1, beta2, one_minus_beta2, bc1, bc2_sqrt, eps, weight_decay,
                          BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -26,13 +33,14 @@ def _masked_adamw_kernel(p_ptr, g_ptr, mask_ptr, offsets_ptr, m_ptr, v_ptr, n, l
     active = tl.where(valid, active, 0)
     base = tl.load(offsets_ptr + pid)
     idx = base + tl.cumsum(active, axis=0) - active  # exclusive prefix count within the block
-    on = active != 0
+    # Validated on the host; the bounds are kept so that no index outside the state is ever formed
+    # into an access, whatever the caller passed.
+    on = (active != 0) & (idx >= 0) & (idx < state_len)
     p = tl.load(p_ptr + elem, mask=on, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + elem, mask=on, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + idx, mask=on, other=0.0)
     v = tl.load(v_ptr + idx, mask=on, other=0.0)
-    m = fma32(g, one_minus_beta1, beta1 * m)
-    v = fma32(one_minus_beta2 * g, g, beta2 * v)
+    m, v = adam_state(g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2)
     # The reference adds the decay term unconditionally (no wd == 0 special case): so do we.
     u = adam_direction(m, v, bc1, bc2_sqrt, eps) + weight_decay * p
     tl.store(m_ptr + idx, m, mask=on)
@@ -43,11 +51,13 @@ def _masked_adamw_kernel(p_ptr, g_ptr, mask_ptr, offsets_ptr, m_ptr, v_ptr, n, l
 def masked_adamw_step_(param, grad, mask_words, block_offsets, exp_avg, exp_avg_sq, step, lr,
                        beta1, beta2, eps, weight_decay):
     n = param.numel()
+    _checks.compact_state("masked_adamw_step_", mask_words, block_offsets, n, exp_avg.numel())
     blocks = block_offsets.numel()
     if blocks == 0 or exp_avg.numel() == 0:
         return None  # nothing active: nothing moves
-    bc1, bc2_sqrt = bias_corrections(step, beta1, beta2)
+    h = ref.adam_hyper(step, lr, beta1, beta2, eps, weight_decay)  # fp32 values: passed exactly
     _masked_adamw_kernel[(blocks,)](param, grad, mask_words, block_offsets, exp_avg, exp_avg_sq, n,
-                                    lr, beta1, 1.0 - beta1, beta2, 1.0 - beta2, bc1, bc2_sqrt, eps,
-                                    weight_decay, BLOCK=OFFSET_BLOCK)
+                                    exp_avg.numel(), h.lr, h.beta1, h.one_minus_beta1, h.beta2,
+                                    h.one_minus_beta2, h.bias_correction1, h.bias_correction2_sqrt,
+                                    h.eps, h.weight_decay, BLOCK=OFFSET_BLOCK, **exact_fp(param.device))
     return None

@@ -1,11 +1,15 @@
-"""cpl_sgd_step_: fused SGD (+momentum, dampening, Nesterov, L2 decay) with the CPL rule."""
+"""cpl_sgd_step_: fused SGD (+momentum, dampening, Nesterov, L2 decay) with the CPL rule.
+
+fp32 arithmetic as reference.cpl_sgd_step_: each operation rounded on its own (launch options
+exact_fp), scalars rounded to fp32 on the host as the reference rounds them."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (STEP_BLOCK_WORDS, collaborative, decode_signs, dummy_int32, fma32, grid,
+from .. import reference as ref
+from ._common import (STEP_BLOCK_WORDS, collaborative, decode_signs, dummy_int32, exact_fp, grid,
                       store_param)
 
 
@@ -26,7 +30,7 @@ def sgd_update(p, g, buf, s, valid, lr, momentum, one_minus_dampening, weight_de
         if INIT_BUFFER:  # torch.optim.SGD: the first buffer is the gradient itself
             buf = g
         else:
-            buf = fma32(g, one_minus_dampening, momentum * buf)
+            buf = buf * momentum + one_minus_dampening * g
         if NESTEROV:
             u = g + momentum * buf
         else:
@@ -81,8 +85,9 @@ def cpl_sgd_step_(param, grad, momentum_buffer, codes, lr, momentum, dampening, 
     buf = momentum_buffer if has_momentum else param  # never read or written without momentum
     _sgd_kernel[(programs,)](
         param, grad, buf, codes if codes is not None else dummy_int32(param.device), partial, n,
-        lr, momentum, 1.0 - dampening, weight_decay, HAS_CODES=codes is not None,
+        ref.f32(lr), ref.f32(momentum), ref.f32(1.0 - dampening), ref.f32(weight_decay),
+        HAS_CODES=codes is not None,
         HAS_DECAY=weight_decay != 0, HAS_MOMENTUM=has_momentum, INIT_BUFFER=bool(init_buffer),
         NESTEROV=bool(nesterov), CRITERION_UPDATE=criterion == "update", STRICT=bool(strict),
-        BLOCK_WORDS=STEP_BLOCK_WORDS)
+        BLOCK_WORDS=STEP_BLOCK_WORDS, **exact_fp(param.device))
     return partial.sum()

@@ -1,4 +1,4 @@
-// The fused CPL Adam/AdamW loop (DESIGN.md section 1), written so GCC vectorises it: no
+// The fused CPL Adam/AdamW loop (docs/design.md section 1), written so GCC vectorises it: no
 // branches on data (the sign-code test is bit masks and selects), restrict pointers, a fixed
 // 16-lane inner loop per code word under `omp simd`, and the weight-decay mode as a template
 // argument rather than a per-element flag. fp32 math whatever the param dtype, in the same

@@ -1,5 +1,8 @@
-// The Adam arithmetic shared by the CPL step and the compact-state masked step, in the operation
-// order of cpl_kernels/reference.py (no FMA contraction: see simd.h).
+// The Adam arithmetic shared by the CPL step and the compact-state masked step. The oracle,
+// cpl_kernels/reference.py, spells out the same rounding (adam_hyper mirrors make_adam_hyper,
+// _adam_direction mirrors adam_direction) and the tests hold the kernels to it bit for bit: change
+// both together. Every operation is rounded on its own, so the build must not contract a*b + c
+// into an FMA (simd.h: the AVX2 clone is compiled without FMA).
 #pragma once
 
 #include <cmath>

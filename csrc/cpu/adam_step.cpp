@@ -1,4 +1,4 @@
-// Fused CPL Adam / AdamW step (DESIGN.md section 1), fp32 math whatever the param dtype.
+// Fused CPL Adam / AdamW step (docs/design.md section 1), fp32 math whatever the param dtype.
 // The loop itself is adam_kernel.h; this file validates, picks the ISA, rule and decay mode.
 //
 // Measured (2-core AMD EPYC, AVX2, 2 threads, 16M fp32, codes set, criterion "update"; plain g++

@@ -2,15 +2,59 @@
 // 1024-element offset block; warp k of the block owns exactly mask word k of the block, so an
 // element's compact index is block_offsets[block] + (active elements in earlier warps, a scan
 // over 32 popcounts) + popc(word & lanes below it).
+//
+// Index safety (docs/design.md section 3): masked_validate_kernel checks the compact-state
+// invariant and writes *prm.error; the step kernel reads that word first and writes nothing when
+// it is set, and it also never dereferences a compact index outside [0, state_len) (a guard
+// that costs one compare per active element). The torch glue (register.cpp) launches validate
+// then step, and raises from one host read of the error word.
 #include "step_math.cuh"
 
 namespace cpl_cuda {
 namespace {
 
 constexpr int kOffsetBlock = 1024;  // reference.OFFSET_BLOCK
+constexpr int kWordsPerBlock = kOffsetBlock / kWarp;
+
+// One warp per 1024-element block: lane k reads mask word k of the block (coalesced) and a warp
+// sum gives the block's popcount; lane 0 checks entry b of block_offsets (in [0, state_len], 0
+// for b == 0) and the link to entry b + 1 (or, for the last block, to state_len), and the lowest
+// failing code wins by atomicMin. Reads 0.13 B per element (mask + offsets).
+__global__ void masked_validate_kernel(MaskedAdamWParams prm) {
+  const int64_t n = prm.numel;
+  const int64_t words = (n + kWarp - 1) / kWarp;
+  const int64_t blocks = (n + kOffsetBlock - 1) / kOffsetBlock;
+  const int64_t state_len = prm.state_len;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps_per_block = blockDim.x / kWarp;
+  const int64_t warps_total = static_cast<int64_t>(gridDim.x) * warps_per_block;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * warps_per_block + threadIdx.x / kWarp; b < blocks;
+       b += warps_total) {
+    const int64_t w = b * kWordsPerBlock + lane;
+    const uint32_t word = w < words ? static_cast<uint32_t>(__ldg(prm.mask_words + w)) : 0u;
+    unsigned long long code = kMaskedStateOk;
+    if (w == words - 1 && n % kWarp != 0 && (word >> (n % kWarp)) != 0u) code = 0;  // bits past n
+    const unsigned long long count = warp_sum(static_cast<unsigned long long>(__popc(word)));  // lane 0
+    if (lane == 0) {
+      const int64_t x = __ldg(prm.block_offsets + b);
+      if (x < 0 || x > state_len || (b == 0 && x != 0)) {
+        code = static_cast<unsigned long long>(b) + 1;
+      } else if (b + 1 < blocks) {  // x in [0, state_len]: x + count cannot overflow
+        if (__ldg(prm.block_offsets + b + 1) != x + static_cast<int64_t>(count))
+          code = static_cast<unsigned long long>(b) + 2;
+      } else if (x + static_cast<int64_t>(count) != state_len) {
+        code = static_cast<unsigned long long>(blocks) + 1;
+      }
+    }
+    if (code != kMaskedStateOk) atomicMin(prm.error, code);
+  }
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kOffsetBlock) masked_adamw_kernel(MaskedAdamWParams prm, AdamElementConsts k) {
+  // Written by masked_validate_kernel earlier on this stream; the same for every thread, so the
+  // whole grid returns before the barrier below.
+  if (__ldg(prm.error) != kMaskedStateOk) return;
   __shared__ int warp_prefix[kOffsetBlock / kWarp];
   T* param = static_cast<T*>(prm.param);
   const T* grad = static_cast<const T*>(prm.grad);
@@ -36,13 +80,14 @@ __global__ void __launch_bounds__(kOffsetBlock) masked_adamw_kernel(MaskedAdamWP
   const bool active = i < n && ((word >> lane) & 1u);
   if (!active) return;
   const int64_t idx = __ldg(prm.block_offsets + block) + warp_prefix[warp] + __popc(word & ((1u << lane) - 1u));
+  if (idx < 0 || idx >= prm.state_len) return;  // unreachable after validation; never dereferenced
   float p = to_f32<T>(param[i]);
   const float g = to_f32<T>(grad[i]);
   float m = prm.exp_avg[idx], v = prm.exp_avg_sq[idx];
   // The reference always adds wd * p here (even wd == 0), and never freezes an active element.
-  m = __fmaf_rn(g, k.one_minus_beta1, __fmul_rn(k.beta1, m));
-  v = __fmaf_rn(__fmul_rn(k.one_minus_beta2, g), g, __fmul_rn(k.beta2, v));
-  float u = __fdiv_rn(__fdiv_rn(m, k.bc1), __fadd_rn(__fdiv_rn(__fsqrt_rn(v), k.bc2_sqrt), k.eps));
+  // Operation order and rounding: adam_update_state and adam_direction_of (step_math.cuh).
+  adam_update_state(g, m, v, k);
+  float u = adam_direction_of(m, v, k);
   u = __fadd_rn(u, __fmul_rn(k.wd, p));
   p = __fsub_rn(p, __fmul_rn(k.lr, u));
   prm.exp_avg[idx] = m;
@@ -51,6 +96,17 @@ __global__ void __launch_bounds__(kOffsetBlock) masked_adamw_kernel(MaskedAdamWP
 }
 
 }  // namespace
+
+cudaError_t launch_masked_adamw_validate(const MaskedAdamWParams& p, cudaStream_t stream) {
+  cudaError_t err = cudaMemsetAsync(p.error, 0xFF, sizeof(unsigned long long), stream);  // kMaskedStateOk
+  if (err != cudaSuccess) return err;
+  if (p.numel == 0) return cudaSuccess;  // no blocks: the glue checks state_len == 0 on the host
+  const int64_t blocks = (p.numel + kOffsetBlock - 1) / kOffsetBlock;
+  const int64_t grid = blocks_for(blocks, kThreads / kWarp);
+  masked_validate_kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p);
+  CPL_RETURN_IF_LAUNCH_FAILED();
+  return cudaSuccess;
+}
 
 cudaError_t launch_masked_adamw_step(const MaskedAdamWParams& p, cudaStream_t stream) {
   if (p.numel == 0) return cudaSuccess;

@@ -1,9 +1,13 @@
-// The per-element math of the fused steps, shared by the single- and multi-tensor kernels so the
-// two can never drift apart. It follows cpl_kernels/reference.py operation by operation in fp32,
-// with explicit round-to-nearest intrinsics: the build uses --use_fast_math, whose approximate
-// division/sqrt and free contraction would otherwise move results off the reference. The FMAs
-// are where torch's CPU kernels fuse too (`add_(x, alpha=a)` is vec::fmadd), which matters for
-// optimizer state that cancels to near zero.
+// The per-element math of the fused steps, shared by the single- and multi-tensor kernels (and
+// masked_adamw.cu) so they can never drift apart. It is cpl_kernels/reference.py's arithmetic
+// operation by operation in fp32, each operation correctly rounded on its own, in the order of
+// the C++ kernels (csrc/cpu/adam_math.h), with explicit round-to-nearest intrinsics (__fmul_rn,
+// __fadd_rn, __fsub_rn, __fdiv_rn, __fsqrt_rn): nvcc contracts a*b+c into an FMA wherever it
+// likes by default (-fmad=true), and the _rn intrinsics are never contracted; it would also use
+// approximate division/sqrt under --use_fast_math (setup.py does not pass it). No FMA anywhere:
+// the reference and the CPU kernels round the product and the sum separately, and a fused
+// rounding (the old oracle's, torch's add_(alpha=)) moved 1,181 of 4,096 exp_avg by an ulp after
+// one AdamW step.
 #pragma once
 
 #include "common.cuh"
@@ -33,6 +37,17 @@ __host__ __device__ inline AdamElementConsts make_adam_consts(const AdamHyper& h
   return k;
 }
 
+// m = m*b1 + (1-b1)*g;  v = v*b2 + ((1-b2)*g)*g  (reference.py _adam_direction).
+__device__ __forceinline__ void adam_update_state(float g, float& m, float& v, const AdamElementConsts& k) {
+  m = __fadd_rn(__fmul_rn(m, k.beta1), __fmul_rn(k.one_minus_beta1, g));
+  v = __fadd_rn(__fmul_rn(v, k.beta2), __fmul_rn(__fmul_rn(k.one_minus_beta2, g), g));
+}
+
+// (m / bc1) / (sqrt(v) / sqrt(bc2) + eps), from the updated m and v.
+__device__ __forceinline__ float adam_direction_of(float m, float v, const AdamElementConsts& k) {
+  return __fdiv_rn(__fdiv_rn(m, k.bc1), __fadd_rn(__fdiv_rn(__fsqrt_rn(v), k.bc2_sqrt), k.eps));
+}
+
 // Updates p (fp32 copy), m, v in place; returns true when the element is conflicting.
 __device__ __forceinline__ bool adam_element(float& p, float g, float& m, float& v, int s,
                                              const AdamElementConsts& k) {
@@ -42,9 +57,8 @@ __device__ __forceinline__ bool adam_element(float& p, float g, float& m, float&
     ok = collaborative(g, s);
     if (!ok) g = 0.f;  // the state only accumulates collaborative gradient
   }
-  m = __fmaf_rn(g, k.one_minus_beta1, __fmul_rn(k.beta1, m));
-  v = __fmaf_rn(__fmul_rn(k.one_minus_beta2, g), g, __fmul_rn(k.beta2, v));
-  float u = __fdiv_rn(__fdiv_rn(m, k.bc1), __fadd_rn(__fdiv_rn(__fsqrt_rn(v), k.bc2_sqrt), k.eps));
+  adam_update_state(g, m, v, k);
+  float u = adam_direction_of(m, v, k);
   if (k.decoupled_decay) u = __fadd_rn(u, __fmul_rn(k.wd, p));
   if (k.update_criterion) ok = collaborative(u, s);
   if (ok || !(k.update_criterion || k.strict)) p = __fsub_rn(p, __fmul_rn(k.lr, u));
@@ -81,7 +95,7 @@ __device__ __forceinline__ bool sgd_element(float& p, float g, float& buf, int s
   }
   float u = g;
   if (k.has_momentum) {
-    buf = k.init_buffer ? g : __fmaf_rn(g, k.one_minus_dampening, __fmul_rn(k.momentum, buf));
+    buf = k.init_buffer ? g : __fadd_rn(__fmul_rn(buf, k.momentum), __fmul_rn(k.one_minus_dampening, g));
     u = k.nesterov ? __fadd_rn(g, __fmul_rn(k.momentum, buf)) : buf;
   }
   if (k.update_criterion) ok = collaborative(u, s);
