@@ -5,7 +5,8 @@ move, not what an implementation happens to move):
   AdamW fp32            28     read p, g, m, v; write p, m, v
   CPL Adam/AdamW fp32   28.25  + 2-bit sign codes (read)
   CPL AdamW bf16 params 22.25  p, g 2 B each (p read + write), m, v fp32, codes
-  CPL SGD momentum      20.25  read p, g, buf; write p, buf; codes
+  CPL SGD momentum      20.25  read p, g, buf; write p, buf; codes (torch SGD momentum: 20)
+  CPL Lion              20.25  read p, g, m; write p, m; codes
   paper-style eager     32     AdamW's 28 + the fp32 reference read (its real traffic is higher:
                                temporaries; that is the point of the comparison)
   MaskedAdamW           12 * L + 16 * f + 0.133, L = fraction of 64-byte lines of p holding an
@@ -24,7 +25,7 @@ import torch
 
 import cpl_kernels
 from cpl_kernels import ops
-from cpl_kernels.optim import CPLAdam, CPLAdamW, CPLSGD, MaskedAdamW, state_bytes
+from cpl_kernels.optim import CPLAdam, CPLAdamW, CPLLion, CPLSGD, MaskedAdamW, state_bytes
 
 from .common import Case, clone_params, lines_touched, make_params, reference_grads
 from .paper_style import PaperStyleCPLAdamW
@@ -65,6 +66,9 @@ def torch_cases(base) -> list[Case]:
     for kind in ("fused", "foreach"):
         opt = torch.optim.AdamW(clone_params(base), lr=1e-3, **{kind: True})
         out.append(Case(f"torch AdamW {kind}=True", "adamw", _stepper(opt), 28.0, state_bytes(opt) / n, n))
+    for kind in ("fused", "foreach"):  # CPLSGD's target is the faster of these two
+        opt = torch.optim.SGD(clone_params(base), lr=1e-3, momentum=0.9, **{kind: True})
+        out.append(Case(f"torch SGD momentum {kind}=True", "sgd", _stepper(opt), 20.0, state_bytes(opt) / n, n))
     return out
 
 
@@ -80,16 +84,21 @@ def cpl_cases(base, refs, with_reference_backend: bool) -> list[Case]:
                         rounds=2 if backend_name == "reference" else None))
         return opt
 
-    cpl("CPLAdamW cpp fp32", CPLAdamW, clone_params(base), 28.25, check_finite=False,
-        note="check_finite=False (torch's fused AdamW has no such pass)")
-    cpl("CPLAdamW cpp fp32, check_finite=True", CPLAdamW, clone_params(base), 28.25,
-        note="default: + the non-finite check, one more read of every gradient (4 B/param)")
+    # Default options throughout (check_finite="skip": the non-finite test is fused into the step).
+    cpl("CPLAdamW cpp fp32", CPLAdamW, clone_params(base), 28.25, note="default options, reference set")
+    nr = CPLAdamW(clone_params(base))
+    nr.clear_reference()
+    out.append(Case("CPLAdamW cpp fp32, no reference", "cpl", _stepper(nr), 28.0, nr.state_bytes() / n, n,
+                    note="default options: the plain AdamW step through the engine"))
+    cpl("CPLAdamW cpp fp32, check_finite='raise'", CPLAdamW, clone_params(base), 28.25, check_finite="raise",
+        note="the pre-pass: one more read of every gradient (4 B/param)")
     bf16 = [p.detach().to(torch.bfloat16).requires_grad_() for p in base]
     for p, q in zip(bf16, base):
         p.grad = q.grad.to(torch.bfloat16)
-    cpl("CPLAdamW cpp bf16 params", CPLAdamW, bf16, 22.25, check_finite=False, note="fp32 state")
-    cpl("CPLAdam cpp fp32", CPLAdam, clone_params(base), 28.25, check_finite=False)
-    cpl("CPLSGD momentum cpp fp32", CPLSGD, clone_params(base), 20.25, check_finite=False, lr=1e-3, momentum=0.9)
+    cpl("CPLAdamW cpp bf16 params", CPLAdamW, bf16, 22.25, note="fp32 state")
+    cpl("CPLAdam cpp fp32", CPLAdam, clone_params(base), 28.25)
+    cpl("CPLSGD momentum cpp fp32", CPLSGD, clone_params(base), 20.25, lr=1e-3, momentum=0.9)
+    cpl("CPLLion cpp fp32", CPLLion, clone_params(base), 20.25, lr=1e-4)
     if with_reference_backend:
         cpl("CPLAdamW reference fp32", CPLAdamW, clone_params(base), 28.25, backend_name="reference",
             check_finite=False, note="pure-PyTorch oracle backend")

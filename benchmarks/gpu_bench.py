@@ -18,7 +18,7 @@ import statistics
 import torch
 
 from cpl_kernels import _backend, ops
-from cpl_kernels import multi_tensor as mt
+from cpl_kernels import engine
 
 
 def model_shapes(total: int, hidden: int = 2048, ffn: int = 5632, vocab: int = 32000) -> list[tuple]:
@@ -95,7 +95,7 @@ def main() -> None:
     lr = torch.tensor(1e-3, dtype=torch.float64, device=dev)
 
     def cpl_step():
-        mt.cpl_adam_step_multi_(params, grads, m, v, codes, step, lr, 0.9, 0.999, 1e-8, 0.01, True)
+        engine.cpl_step_(params, grads, m, v, codes, "adamw", step, lr, [0.9, 0.999, 1e-8, 0.01])
 
     backends = []
     if _backend.has_native_kernel("CUDA"):

@@ -4,10 +4,11 @@ from ._backend import choose as backend_for, native_loaded  # noqa: F401
 
 __version__ = "0.1.0"
 
-from .optim import CPLAdam, CPLAdamW, CPLSGD, MaskedAdamW, state_bytes  # noqa: E402,F401
+from . import optim  # noqa: E402
+from .optim import *  # noqa: E402,F401,F403  (every optimizer: a new one is exported from optim/ alone)
 from .reference_grad import build_reference  # noqa: E402,F401
 from .masks import cpl_masks_once, random_masks_like  # noqa: E402,F401
 from . import analysis  # noqa: E402,F401
 
-__all__ = ["CPLAdam", "CPLAdamW", "CPLSGD", "MaskedAdamW", "analysis", "backend_for", "build_reference",
-           "cpl_masks_once", "native_loaded", "ops", "random_masks_like", "reference", "state_bytes"]
+__all__ = optim.__all__ + ["analysis", "backend_for", "build_reference", "cpl_masks_once", "native_loaded",
+                           "ops", "random_masks_like", "reference"]

@@ -42,6 +42,18 @@ def has_native_kernel(dispatch_key: str) -> bool:
 
 
 @functools.cache
+def has_op(op: str, dispatch_key: str) -> bool:
+    """True when cpl_kernels._C declares cpl::`op` and registered a kernel for `dispatch_key`."""
+    if not native_loaded() or not hasattr(torch.ops.cpl, op):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"cpl::{op}", dispatch_key)
+
+
+def warn_fallback(what: str) -> None:
+    _warn_fallback(what)
+
+
+@functools.cache
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

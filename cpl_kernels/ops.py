@@ -111,8 +111,11 @@ def masked_adamw_step_(
 ) -> None:
     """Compact-state AdamW step on the active elements of `mask_words` (see reference.py).
 
-    The caller guarantees exp_avg/exp_avg_sq hold exactly one entry per active element and
-    block_offsets = reference.mask_block_offsets(mask_words) (MaskedAdamW checks this once)."""
+    Shapes and dtypes are checked here. The contents of the compact state (no mask bits past
+    param.numel(), block_offsets = reference.mask_block_offsets(mask_words), one exp_avg entry per
+    active element: docs/design.md section 3) are checked by every backend itself before it
+    writes, with a ValueError naming the first bad block; not here too, which would double the
+    check (and, on a GPU, its host sync)."""
     op = "masked_adamw_step_"
     check.param_and_grad(op, param, grad)
     check.mask_words(op, "mask_words", mask_words, param.numel(), like=param)
@@ -154,6 +157,12 @@ def _register_fakes() -> None:
     @torch.library.register_fake("cpl::masked_adamw_step_")
     def _(*args):
         return None
+
+    if hasattr(torch.ops.cpl, "cpl_step_"):
+        @torch.library.register_fake("cpl::cpl_step_")
+        def _(params, *args):
+            device = params[0].device if params else None
+            return torch.empty((2, len(params)), dtype=torch.int64, device=device)
 
     # Multi-tensor ops (cpl_kernels/multi_tensor.py): one int64 count per param. Guarded so a
     # stale build without these schemas still imports.

@@ -13,6 +13,15 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(cpl, m) {
+  // The step engine: one fused CPL step of optimizer `kind` over lists of tensors. Contract:
+  // cpl_kernels/reference_step.py; kinds and the order of `hyper`: cpl_kernels/kinds.py.
+  // state1/state2: the kind's fp32 state slots (empty lists for slots it does not use). step and
+  // lr are tensors (device scalars on CUDA: graph-capturable). grad_scale/found_inf: GradScaler's
+  // fused protocol. Returns int64 [2, len(params)]: conflicting counts, non-finite counts.
+  m.def(
+      "cpl_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] state2, "
+      "Tensor?[] codes, str kind, Tensor step, Tensor lr, float[] hyper, str criterion, bool strict, "
+      "bool skip_nonfinite, Tensor? grad_scale, Tensor? found_inf) -> Tensor");
   m.def("pack_signs_(Tensor src, Tensor(a!) codes) -> ()");
   m.def("contribution_stats(Tensor a, Tensor b, Tensor(a!)? mask_out) -> (Tensor, Tensor)");
   m.def("contribution_stats_codes(Tensor a, Tensor codes, Tensor(a!)? mask_out) -> (Tensor, Tensor)");

@@ -20,7 +20,12 @@ def cases(device):
     words = ref.pack_mask(torch.rand(n, generator=gen) < 0.3).to(device)
     offsets = ref.mask_block_offsets(words.cpu(), n).to(device)
     active = int(ref.unpack_mask(words.cpu(), n).sum())
+    scalar = lambda x: torch.tensor(x, dtype=torch.float64, device=device)  # noqa: E731
     return {
+        # The step engine: two entries (codes / none), AdamW, GradScaler's protocol (scale 2, no inf).
+        "cpl_step_": ([p.clone(), g.clone()], [g, p], [zeros(), zeros()], [zeros(), zeros()], [codes, None],
+                      "adamw", scalar(2.0), scalar(1e-3), [0.9, 0.999, 1e-8, 0.01], "gradient", True, True,
+                      torch.tensor(2.0, device=device), torch.tensor(0.0, device=device)),
         "pack_signs_": (p, ops.empty_codes(p)),
         "contribution_stats": (p, g, ops.empty_mask(p)),
         "contribution_stats_codes": (p, codes, None),
@@ -42,5 +47,8 @@ def cases(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op_name", list(cases("cpu")))
 def test_opcheck(device, op_name):
+    key = "CPU" if device == "cpu" else "CUDA"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"cpl::{op_name}", key):
+        pytest.skip(f"no {key} kernel for cpl::{op_name} in this build")
     args = cases(device)[op_name]
     torch.library.opcheck(getattr(torch.ops.cpl, op_name), args)

@@ -29,6 +29,9 @@ from torch.optim import Optimizer
 from . import _layout
 
 RAW_KEY = "cpl_raw_state"
+# check_finite values: "skip" (fused into the step: non-finite elements left untouched, counted,
+# warned by name), "raise" (True: a pre-pass; nothing written, FloatingPointError), False (off).
+FINITE_MODES = ("skip", "raise", False)
 SHAPES_KEY = "cpl_param_shapes"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -88,6 +91,15 @@ def lr_value(owner: str, lr) -> float:
     return float(lr)
 
 
+def finite_mode(owner: str, value) -> str | bool:
+    """check_finite normalised: True (the old spelling of the pre-pass) is "raise"."""
+    if value is True:
+        return "raise"
+    if value is False or value in ("skip", "raise"):
+        return value
+    raise ValueError(f"{owner}: check_finite must be 'skip', 'raise' (or True) or False, got {value!r}")
+
+
 def check_hyper(owner: str, lr, eps=None, betas=None, weight_decay=0.0, momentum=None) -> None:
     value = lr_value(owner, lr)
     if not value >= 0.0:
@@ -141,6 +153,7 @@ class StateOptimizer(Optimizer):
     FLOAT_STATE: tuple[str, ...] = ()
     RAW_STATE: tuple[str, ...] = ()
     KEEP_GROUP_KEYS: tuple[str, ...] = ("check_finite",)
+    DEFAULT_FINITE: str | bool = "raise"
 
     def __init__(self, params, defaults):
         super().__init__(params, defaults)
@@ -212,7 +225,8 @@ class StateOptimizer(Optimizer):
 
         Why raise rather than step: a NaN reaching Adam's state poisons it forever, and a CPL
         sign test on NaN counts as collaborative, so the NaN would be written into the weights."""
-        checked = [it for group, items in zip(self.param_groups, work) if group["check_finite"]
+        checked = [it for group, items in zip(self.param_groups, work)
+                   if finite_mode(type(self).__name__, group["check_finite"]) == "raise"
                    for it in items if it.grad.numel() > 0]
         if not checked:
             return
@@ -230,7 +244,8 @@ class StateOptimizer(Optimizer):
                     f"{type(self).__name__}.step: the gradient of parameter {self.param_name(it.param)} "
                     "holds NaN or inf; nothing was updated (no parameter, no optimizer state). Skip this "
                     "batch, lower the learning rate, or use torch.amp.GradScaler (which skips such "
-                    "steps itself); check_finite=False disables this check.")
+                    "steps itself); check_finite='skip' steps the finite elements only, False "
+                    "disables this check.")
 
     def _step_value(self, p: Tensor, state) -> float:
         """The step count stored for p (0 before its first step), validated."""
@@ -241,12 +256,29 @@ class StateOptimizer(Optimizer):
                              f"{value!r} in its state; a step count is a whole number >= 0")
         return value
 
+    # torch.amp.GradScaler hands this optimizer `grad_scale` and `found_inf` attributes instead of
+    # unscaling the gradients in a separate pass (torch's fused optimizers' protocol).
+    _step_supports_amp_scaling = True
+
+    def _amp(self) -> tuple[Tensor | None, bool]:
+        """(grad_scale to divide gradients by, whether GradScaler found inf/NaN: skip the step).
+        found_inf is read on the host: one sync on CUDA, as the step counts live on the CPU."""
+        found_inf = getattr(self, "found_inf", None)
+        skip = found_inf is not None and bool(found_inf.item() != 0)
+        return getattr(self, "grad_scale", None), skip
+
+    # Dynamo would specialise on the float step counts and recompile every step (hitting its
+    # recompile limit after 8): a compiled training step runs the optimizer step eagerly instead.
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._grad_scale, skip = self._amp()
+        if skip:
+            return loss  # GradScaler saw inf/NaN: nothing is written, as torch's fused AdamW
         work = self._collect()
         plans = [self._plan_group(group, items) for group, items in zip(self.param_groups, work)]
         self._check_finite(work)
@@ -255,9 +287,13 @@ class StateOptimizer(Optimizer):
             plan()
         for it in chain.from_iterable(work):
             it.write_back()
+        self._end_step()
         return loss
 
     def _begin_step(self) -> None:
+        pass
+
+    def _end_step(self) -> None:
         pass
 
     def _plan_group(self, group, items: list[Item]) -> Callable[[], None]:
@@ -372,7 +408,7 @@ class StateOptimizer(Optimizer):
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            group.setdefault("check_finite", True)
+            group.setdefault("check_finite", self.DEFAULT_FINITE)
         self._install_hooks()
 
 

@@ -8,10 +8,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .. import ops
+from .. import engine, ops
 from .. import reference as ref
 from . import _layout
-from ._base import StateOptimizer, local
+from ._base import Item, StateOptimizer, finite_mode, like_param, local, lr_value
 
 CODES_KEY = "cpl_codes"
 CRITERIA = ("update", "gradient")
@@ -39,18 +39,21 @@ class CPLOptimizer(StateOptimizer):
 
     RAW_STATE = (CODES_KEY,)
     KEEP_GROUP_KEYS = ("criterion", "strict", "check_finite")
-    _PICKLED = ("_frozen", "_stepped", "_reference_was_set", "_warned_no_reference")
+    DEFAULT_FINITE = "skip"
+    COUNTS_STEPS = False  # keeps torch's per-parameter 'step' (Adam's bias corrections)
+    _PICKLED = ("_frozen", "_stepped", "_nonfinite", "_reference_was_set", "_warned_no_reference")
 
     def __init__(self, params, defaults):
         super().__init__(params, defaults)
         self._frozen: list[list[Tensor]] = []   # per group: 0-dim int64 counts, read lazily
         self._stepped: list[int] = []           # per group: elements stepped last step
+        self._nonfinite: list[list[tuple[Tensor, Tensor]]] = []  # per group: (params, counts)
         self._reference_was_set = False
         self._warned_no_reference = False
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
-        for key, default in (("_frozen", []), ("_stepped", []), ("_reference_was_set", False),
+        for key, default in (("_frozen", []), ("_stepped", []), ("_nonfinite", []), ("_reference_was_set", False),
                              ("_warned_no_reference", False)):
             if key not in self.__dict__:
                 setattr(self, key, default)
@@ -201,8 +204,81 @@ class CPLOptimizer(StateOptimizer):
 
     # ---- the step --------------------------------------------------------------------------------
 
+    # ---- the step: one engine call per (group, bucket) -------------------------------------------
+
+    def _kind(self, group) -> str:
+        """The engine kind (cpl_kernels/kinds.py) this group steps with."""
+        raise NotImplementedError
+
+    def _state_keys(self, group) -> tuple[str, ...]:
+        """The state keys filling the engine's state slots, in slot order."""
+        raise NotImplementedError
+
+    def _hyper(self, group, fresh: bool) -> list[float]:
+        """The kind's hyper list for this group; `fresh`: the state was created this step."""
+        raise NotImplementedError
+
+    def _check_group(self, owner: str, group, lr: float) -> None:
+        """Validates the group's hyperparameters (the step raises before writing anything)."""
+
+    def _plan_group(self, group, items: list[Item]):
+        owner = type(self).__name__
+        lr = lr_value(owner, group["lr"])
+        self._check_group(owner, group, lr)
+        check_criterion(owner, group["criterion"], group["strict"])
+        mode = finite_mode(owner, group["check_finite"])
+        keys = self._state_keys(group)
+        installs: list[tuple[Tensor, str, object]] = []
+        # One engine call per distinct (step count, fresh state): Adam's bias corrections and
+        # SGD's first-step buffer are per call.
+        buckets: dict[tuple[float, bool], list] = {}
+        for it in items:
+            state = self.state.get(it.param, {})
+            step = self._step_value(it.param, state) if self.COUNTS_STEPS else 0.0
+            slots, fresh = [], False
+            for key in keys:
+                value = state.get(key)
+                if value is None:
+                    fresh = True
+                    value = like_param(it.param, _layout.new_like(it.local))
+                    installs.append((it.param, key, value))
+                elif local(value).shape != it.local.shape or local(value).dtype != torch.float32:
+                    raise ValueError(f"{owner}.step: '{key}' of parameter {self.param_name(it.param)} has "
+                                     f"shape {tuple(local(value).shape)} and dtype {local(value).dtype}; "
+                                     f"expected fp32 of shape {tuple(it.local.shape)}")
+                elif not _layout.same_layout(local(value), it.local):
+                    value = like_param(it.param, _layout.relaid(local(value), it.local))
+                    installs.append((it.param, key, value))
+                slots.append(_layout.flat(local(value)))
+            if self.COUNTS_STEPS and "step" not in state:
+                installs.append((it.param, "step", torch.tensor(0.0, dtype=torch.float32)))
+            buckets.setdefault((step + 1, fresh), []).append((it, slots, state.get(CODES_KEY)))
+        grad_scale = self._grad_scale
+        kind = self._kind(group)
+
+        def run() -> None:
+            for p, key, value in installs:
+                self.state[p][key] = value
+            frozen, nonfinite = [], []
+            for (step, fresh), bucket in buckets.items():
+                counts = engine.cpl_step_(
+                    [it.work_param for it, _, _ in bucket], [it.work_grad for it, _, _ in bucket],
+                    [s[0] for _, s, _ in bucket] if len(keys) >= 1 else [],
+                    [s[1] for _, s, _ in bucket] if len(keys) >= 2 else [],
+                    [c for _, _, c in bucket], kind, step, lr, self._hyper(group, fresh),
+                    group["criterion"], group["strict"], mode is not False, grad_scale, None)
+                frozen.append(counts[0].sum())
+                nonfinite.append(([it.param for it, _, _ in bucket], counts[1]))
+                if self.COUNTS_STEPS:
+                    for it, _, _ in bucket:
+                        self.state[it.param]["step"] += 1
+            self._record(frozen, sum(it.local.numel() for it in items))
+            self._nonfinite.append(nonfinite)
+
+        return run
+
     def _begin_step(self) -> None:
-        self._frozen, self._stepped = [], []
+        self._frozen, self._stepped, self._nonfinite = [], [], []
         if not self._reference_was_set and not self._warned_no_reference:
             self._warned_no_reference = True
             warnings.warn(
@@ -211,6 +287,24 @@ class CPLOptimizer(StateOptimizer):
                 "model, mastered_batches, loss_fn) or opt.set_reference_from_grads(...) first; "
                 "opt.clear_reference() marks running without one as intended. Warned once.",
                 UserWarning, stacklevel=5)
+
+    def _end_step(self) -> None:
+        """check_finite="skip": name the parameters whose non-finite gradient elements were left
+        untouched (the counts are host tensors on CPU; on CUDA this is one sync)."""
+        hits = [(self.param_name(p), int(c)) for group in self._nonfinite for params, counts in group
+                if bool(counts.any()) for p, c in zip(params, counts.tolist()) if c]
+        if hits:
+            listing = ", ".join(f"{name} ({count})" for name, count in hits[:8])
+            more = f" and {len(hits) - 8} more" if len(hits) > 8 else ""
+            warnings.warn(f"{type(self).__name__}.step: non-finite gradient elements were left untouched "
+                          f"(no update, no state change) in {len(hits)} parameter(s): {listing}{more}. "
+                          "check_finite='raise' refuses such steps instead.", RuntimeWarning, stacklevel=5)
+
+    @property
+    def nonfinite_counts(self) -> list[int]:
+        """Per param group, the gradient elements of the last step that were NaN or inf and left
+        untouched (check_finite="skip")."""
+        return [sum(int(c.sum()) for _, c in group) for group in self._nonfinite]
 
     def _record(self, counts: list[Tensor], numel: int) -> None:
         if counts:

@@ -3,13 +3,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
 from torch import Tensor
 
-from .. import multi_tensor
-from . import _layout
-from ._base import Item, check_args, check_hyper, like_param, local, lr_value
-from ._cpl import CODES_KEY, CPLOptimizer, check_criterion
+from ._base import check_args, check_hyper, finite_mode
+from ._cpl import CPLOptimizer, check_criterion
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -27,19 +24,24 @@ class CPLAdam(CPLOptimizer):
     param dtype, laid out like the parameter), and the codes (0.25 B/element) while a reference
     is set. Parameters: float32, bfloat16 or float16, any layout.
 
-    Non-finite gradients raise FloatingPointError before anything is written (check_finite=True).
+    Non-finite gradients (check_finite, docs/optimizers.md): "skip" (default, fused into the
+    step: those elements are left untouched and the parameters named in a warning), "raise"
+    (a pre-pass; FloatingPointError, nothing written), False (torch's behaviour).
+    GradScaler: gradients are unscaled inside the step and an inf/NaN step is skipped whole.
     """
 
     DECOUPLED = False
     FLOAT_STATE = STATE_KEYS
+    COUNTS_STEPS = True
 
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, criterion: str = "update", strict: bool = True,
-                 check_finite: bool = True) -> None:
+                 check_finite: bool | str = "skip") -> None:
         owner = type(self).__name__
+        finite_mode(owner, check_finite)
         check_args(owner, amsgrad=amsgrad, foreach=foreach, maximize=maximize, capturable=capturable,
                    differentiable=differentiable, fused=fused)
         check_hyper(owner, lr, eps=eps, betas=betas, weight_decay=weight_decay)
@@ -60,47 +62,15 @@ class CPLAdam(CPLOptimizer):
                                  f"optimizer with decoupled_weight_decay={bool(saved)}, whose weight decay "
                                  f"rule differs; load it into {want}")
 
-    def _plan_group(self, group, items: list[Item]):
-        owner = type(self).__name__
+    def _kind(self, group) -> str:
+        return "adamw" if self.DECOUPLED else "adam"
+
+    def _state_keys(self, group) -> tuple[str, ...]:
+        return STATE_KEYS
+
+    def _hyper(self, group, fresh: bool) -> list[float]:
         beta1, beta2 = group["betas"]
-        lr = lr_value(owner, group["lr"])
-        check_hyper(owner, lr, eps=group["eps"], betas=(beta1, beta2), weight_decay=group["weight_decay"])
-        check_criterion(owner, group["criterion"], group["strict"])
-        installs: list[tuple[Tensor, str, object]] = []
-        buckets: dict[float, list] = {}  # one multi-tensor call per distinct step count
-        for it in items:
-            state = self.state.get(it.param, {})
-            step = self._step_value(it.param, state)
-            moments = []
-            for key in STATE_KEYS:
-                value = state.get(key)
-                if value is None:
-                    value = like_param(it.param, _layout.new_like(it.local))
-                    installs.append((it.param, key, value))
-                elif local(value).shape != it.local.shape or local(value).dtype != torch.float32:
-                    raise ValueError(f"{owner}.step: '{key}' of parameter {self.param_name(it.param)} has "
-                                     f"shape {tuple(local(value).shape)} and dtype {local(value).dtype}; "
-                                     f"expected fp32 of shape {tuple(it.local.shape)}")
-                elif not _layout.same_layout(local(value), it.local):
-                    value = like_param(it.param, _layout.relaid(local(value), it.local))
-                    installs.append((it.param, key, value))
-                moments.append(_layout.flat(local(value)))
-            if "step" not in state:
-                installs.append((it.param, "step", torch.tensor(0.0, dtype=torch.float32)))
-            buckets.setdefault(step + 1, []).append((it, *moments, state.get(CODES_KEY)))
+        return [beta1, beta2, group["eps"], group["weight_decay"]]
 
-        def run() -> None:
-            for p, key, value in installs:
-                self.state[p][key] = value
-            counts = []
-            for step, bucket in buckets.items():
-                counts.append(multi_tensor.cpl_adam_step_multi_(
-                    [it.work_param for it, *_ in bucket], [it.work_grad for it, *_ in bucket],
-                    [m for _, m, _, _ in bucket], [v for _, _, v, _ in bucket],
-                    [c for *_, c in bucket], step, lr, beta1, beta2, group["eps"],
-                    group["weight_decay"], self.DECOUPLED, group["criterion"], group["strict"]).sum())
-                for it, *_ in bucket:
-                    self.state[it.param]["step"] += 1
-            self._record(counts, sum(it.local.numel() for it in items))
-
-        return run
+    def _check_group(self, owner: str, group, lr: float) -> None:
+        check_hyper(owner, lr, eps=group["eps"], betas=group["betas"], weight_decay=group["weight_decay"])

@@ -22,7 +22,7 @@ class CPLAdamW(CPLAdam):
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, criterion: str = "update", strict: bool = True,
-                 check_finite: bool = True) -> None:
+                 check_finite: bool | str = "skip") -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, foreach=foreach, maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused, criterion=criterion,

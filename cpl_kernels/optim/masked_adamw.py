@@ -10,7 +10,7 @@ from torch import Tensor
 from .. import ops
 from .. import reference as ref
 from . import _layout
-from ._base import Item, StateOptimizer, check_args, check_hyper, local, lr_value
+from ._base import Item, StateOptimizer, check_args, check_hyper, finite_mode, local, lr_value
 
 MASK_KEY, OFFSETS_KEY = "mask_words", "block_offsets"
 DEFAULTS = ("train", "freeze")
@@ -39,6 +39,8 @@ class MaskedAdamW(StateOptimizer):
 
     FLOAT_STATE = ("exp_avg", "exp_avg_sq")
     RAW_STATE = (MASK_KEY, OFFSETS_KEY)
+    # Its kernel takes no grad_scale: GradScaler unscales the gradients itself beforehand.
+    _step_supports_amp_scaling = False
 
     def __init__(self, params: Iterable, masks: Sequence | Mapping, lr: float | Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -49,6 +51,9 @@ class MaskedAdamW(StateOptimizer):
         check_args(owner, amsgrad=amsgrad, foreach=foreach, maximize=maximize, capturable=capturable,
                    differentiable=differentiable, fused=fused)
         check_hyper(owner, lr, eps=eps, betas=betas, weight_decay=weight_decay)
+        if finite_mode(owner, check_finite) == "skip":
+            raise ValueError(f"{owner}: check_finite='skip' is not supported yet (its kernel has no "
+                             "fused non-finite test); use True (raise before writing) or False")
         if default is not None and default not in DEFAULTS:
             raise ValueError(f"{owner}: default must be one of {DEFAULTS} or None, got {default!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=False,

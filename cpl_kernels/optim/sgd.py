@@ -3,13 +3,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
 from torch import Tensor
 
-from .. import multi_tensor
-from . import _layout
-from ._base import Item, check_args, check_hyper, like_param, local, lr_value
-from ._cpl import CODES_KEY, CPLOptimizer, check_criterion
+from ._base import check_args, check_hyper, finite_mode
+from ._cpl import CPLOptimizer, check_criterion
 
 
 class CPLSGD(CPLOptimizer):
@@ -27,8 +24,9 @@ class CPLSGD(CPLOptimizer):
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None, differentiable: bool = False,
                  fused: bool | None = None, criterion: str = "update", strict: bool = True,
-                 check_finite: bool = True) -> None:
+                 check_finite: bool | str = "skip") -> None:
         owner = type(self).__name__
+        finite_mode(owner, check_finite)
         check_args(owner, maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused)
         check_hyper(owner, lr, weight_decay=weight_decay, momentum=momentum)
         check_criterion(owner, criterion, strict)
@@ -39,47 +37,18 @@ class CPLSGD(CPLOptimizer):
                         fused=fused, criterion=criterion, strict=strict, check_finite=check_finite)
         super().__init__(params, defaults)
 
-    def _plan_group(self, group, items: list[Item]):
-        owner = type(self).__name__
-        lr = lr_value(owner, group["lr"])
-        momentum = group["momentum"]
-        check_hyper(owner, lr, weight_decay=group["weight_decay"], momentum=momentum)
-        check_criterion(owner, group["criterion"], group["strict"])
-        if group["nesterov"] and (momentum <= 0 or group["dampening"] != 0):
+    def _kind(self, group) -> str:
+        return "sgd"
+
+    def _state_keys(self, group) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _hyper(self, group, fresh: bool) -> list[float]:
+        # fresh: the buffer was created this step, so it starts as the gradient (torch.optim.SGD)
+        return [group["momentum"], group["dampening"], group["weight_decay"], float(group["nesterov"]),
+                float(fresh)]
+
+    def _check_group(self, owner: str, group, lr: float) -> None:
+        check_hyper(owner, lr, weight_decay=group["weight_decay"], momentum=group["momentum"])
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(f"{owner}: Nesterov momentum requires a momentum and zero dampening")
-        installs: list[tuple[Tensor, object]] = []
-        buckets: dict[bool, list] = {}  # first step (buffer = gradient) or not: one call each
-        for it in items:
-            state = self.state.get(it.param, {})
-            buf, init = None, False
-            if momentum != 0:
-                value = state.get("momentum_buffer")
-                if value is None:
-                    init = True  # stored only when the step runs, like torch's lazy buffer
-                    value = like_param(it.param, _layout.new_like(it.local))
-                    installs.append((it.param, value))
-                elif local(value).shape != it.local.shape or local(value).dtype != torch.float32:
-                    raise ValueError(f"{owner}.step: 'momentum_buffer' of parameter "
-                                     f"{self.param_name(it.param)} has shape {tuple(local(value).shape)} "
-                                     f"and dtype {local(value).dtype}; expected fp32 of shape "
-                                     f"{tuple(it.local.shape)}")
-                elif not _layout.same_layout(local(value), it.local):
-                    value = like_param(it.param, _layout.relaid(local(value), it.local))
-                    installs.append((it.param, value))
-                buf = _layout.flat(local(value))
-            buckets.setdefault(init, []).append((it, buf, state.get(CODES_KEY)))
-
-        def run() -> None:
-            for p, value in installs:
-                self.state[p]["momentum_buffer"] = value
-            counts = []
-            for init, bucket in buckets.items():
-                counts.append(multi_tensor.cpl_sgd_step_multi_(
-                    [it.work_param for it, _, _ in bucket], [it.work_grad for it, _, _ in bucket],
-                    [buf for _, buf, _ in bucket] if momentum != 0 else None,
-                    [c for _, _, c in bucket], lr, momentum, group["dampening"],
-                    group["weight_decay"], group["nesterov"], init, group["criterion"],
-                    group["strict"]).sum())
-            self._record(counts, sum(it.local.numel() for it in items))
-
-        return run

@@ -8,6 +8,12 @@
 
 namespace cpl {
 namespace cpu {
+// The step engine (step.cpp): one fused CPL step of optimizer `kind` over lists of tensors.
+at::Tensor cpl_step_(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
+                     const c10::List<std::optional<at::Tensor>>& codes, c10::string_view kind,
+                     const at::Tensor& step, const at::Tensor& lr, at::ArrayRef<double> hyper,
+                     c10::string_view criterion, bool strict, bool skip_nonfinite,
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
 void pack_signs_(const at::Tensor& src, const at::Tensor& codes);
 std::tuple<at::Tensor, at::Tensor> contribution_stats(const at::Tensor& a, const at::Tensor& b,
                                                       const std::optional<at::Tensor>& mask_out);

@@ -4,6 +4,7 @@
 #include "ops.h"
 
 TORCH_LIBRARY_IMPL(cpl, CPU, m) {
+  m.impl("cpl_step_", &cpl::cpu::cpl_step_);
   m.impl("pack_signs_", &cpl::cpu::pack_signs_);
   m.impl("contribution_stats", &cpl::cpu::contribution_stats);
   m.impl("contribution_stats_codes", &cpl::cpu::contribution_stats_codes);

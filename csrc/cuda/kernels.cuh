@@ -79,10 +79,19 @@ struct MaskedAdamWParams {
   const int64_t* block_offsets;  // active elements before each 1024-element block
   float* exp_avg;                // one entry per active element
   float* exp_avg_sq;
+  int64_t state_len;             // entries of exp_avg and exp_avg_sq
   DType dtype;
   int64_t numel;
   AdamHyper hyper;  // decoupled decay always applied; criterion/strict unused
+  // Device word written by launch_masked_adamw_validate and read first by the step kernel:
+  // kMaskedStateOk, or the code of the first violation of the compact-state invariant.
+  unsigned long long* error;
 };
+
+// Codes of *MaskedAdamWParams::error, lowest = reported first (the CPU check's order): 0 = mask
+// bits past numel; b + 1 = entry b of block_offsets wrong; blocks + 1 = the last offset plus its
+// block's popcount != state_len.
+constexpr unsigned long long kMaskedStateOk = ~0ull;
 
 // Many tensors of one dtype. The arrays are host arrays of length num_tensors; the launch
 // function packs them into by-value kernel tables (no host-to-device copy, so the launches can
@@ -127,8 +136,45 @@ cudaError_t launch_pack_signs(const PackSignsParams& p, cudaStream_t stream);
 cudaError_t launch_contribution_stats(const StatsParams& p, cudaStream_t stream);
 cudaError_t launch_cpl_adam_step(const AdamParams& p, cudaStream_t stream);
 cudaError_t launch_cpl_sgd_step(const SgdParams& p, cudaStream_t stream);
+// Sets *p.error (no host sync): launch it before launch_masked_adamw_step on the same stream.
+cudaError_t launch_masked_adamw_validate(const MaskedAdamWParams& p, cudaStream_t stream);
 cudaError_t launch_masked_adamw_step(const MaskedAdamWParams& p, cudaStream_t stream);
 cudaError_t launch_cpl_adam_step_multi(const AdamMultiParams& p, cudaStream_t stream);
 cudaError_t launch_cpl_sgd_step_multi(const SgdMultiParams& p, cudaStream_t stream);
+
+// ---- the step engine (cpl::cpl_step_; engine.cuh, directions.cuh, step_engine.cu) ----------
+
+// One dtype group of one cpl_step_ call. Arrays are host arrays of length num_tensors (packed
+// into by-value tensor tables, as the multi-tensor ops above); every scalar the kernels need at
+// run time is a device pointer, so the launches are CUDA-graph capturable.
+struct StepParams {
+  const char* kind;      // a name of cpl_kernels/kinds.py (step_kind_num_hyper(kind) >= 0)
+  const double* hyper;   // host, step_kind_num_hyper(kind) values in kinds.KINDS[kind].hyper order
+  int64_t num_tensors;
+  void* const* params;
+  const void* const* grads;
+  float* const* state1;  // null when the kind uses no slot 1 (step_kind_state_slots < 1)
+  float* const* state2;  // null when it uses no slot 2
+  const int32_t* const* codes;  // entries may be null (no reference for that param)
+  const int64_t* numels;
+  const int64_t* count_slots;   // column of each tensor in the counts output
+  DType dtype;
+  const double* step;        // device scalar, counts from 1
+  const double* lr;          // device scalar
+  const float* grad_scale;   // device scalar (gradients are divided by it), or null
+  const int32_t* found_inf;  // device flag: nonzero skips the whole step, or null
+  Criterion criterion;
+  bool strict, skip_nonfinite;
+  unsigned long long* counts;  // device int64 [2, count_stride], zeroed by the caller:
+  int64_t count_stride;        // row 0 conflicting, row 1 non-finite gradient elements
+};
+
+// The engine's kinds (directions.cuh), for the torch glue: the hyper count of `kind`, or -1 when
+// the CUDA engine does not know it; its state slots for these hyper values; all names, for
+// messages ("adam, adamw, sgd, lion").
+int step_kind_num_hyper(const char* kind);
+int step_kind_state_slots(const char* kind, const double* hyper);
+const char* step_kind_names();
+cudaError_t launch_cpl_step(const StepParams& p, cudaStream_t stream);
 
 }  // namespace cpl_cuda

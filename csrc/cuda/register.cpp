@@ -1,6 +1,7 @@
 // Torch glue for the CUDA kernels: validates CUDA tensors, fills the params structs of
 // kernels.cuh and launches on the current stream. Schemas live in csrc/ops.cpp.
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -9,6 +10,15 @@
 #include <torch/library.h>
 
 #include "kernels.cuh"
+
+namespace cpl {
+namespace cpu {
+// csrc/cpu/masked_adamw.cpp (same library): the compact-state check on CPU tensors; throws the
+// message naming the first inconsistent block. Used here to report what the device check found.
+void check_compact_state(const at::Tensor& mask_words, const at::Tensor& block_offsets, int64_t numel,
+                         int64_t state_len, const char* op);
+}  // namespace cpu
+}  // namespace cpl
 
 namespace {
 
@@ -129,6 +139,7 @@ Tensor cpl_adam_step_cuda(const Tensor& param, const Tensor& grad, const Tensor&
   check_tensor(exp_avg, param, op, "exp_avg", at::kFloat, n);
   check_tensor(exp_avg_sq, param, op, "exp_avg_sq", at::kFloat, n);
   if (codes) check_tensor(*codes, param, op, "codes", at::kInt, code_words(n));
+  TORCH_CHECK(step >= 1, "cpl.", op, ": argument 'step' counts from 1, got ", step);  // as the CPU op
   const c10::cuda::CUDAGuard guard(param.device());
   Tensor conflicting = at::zeros({}, param.options().dtype(at::kLong));
   cpl_cuda::AdamParams p;
@@ -185,10 +196,17 @@ void masked_adamw_step_cuda(const Tensor& param, const Tensor& grad, const Tenso
   const int64_t n = param.numel();
   check_tensor(mask, param, op, "mask_words", at::kInt, mask_words(n));
   check_tensor(block_offsets, param, op, "block_offsets", at::kLong, (n + 1023) / 1024);
-  check_tensor(exp_avg, param, op, "exp_avg", at::kFloat, exp_avg.numel());
-  check_tensor(exp_avg_sq, param, op, "exp_avg_sq", at::kFloat, exp_avg.numel());
-  TORCH_CHECK(exp_avg.numel() <= n, "cpl.", op, ": argument 'exp_avg' has more entries than 'param' has elements");
+  const int64_t state_len = exp_avg.numel();
+  check_tensor(exp_avg, param, op, "exp_avg", at::kFloat, state_len);
+  check_tensor(exp_avg_sq, param, op, "exp_avg_sq", at::kFloat, state_len);
+  TORCH_CHECK(step >= 1, "cpl.", op, ": argument 'step' counts from 1, got ", step);
+  if (n == 0) {  // no blocks to check on the device: only state_len == 0 can be valid
+    cpl::cpu::check_compact_state(mask.cpu(), block_offsets.cpu(), n, state_len, op);
+    return;
+  }
   const c10::cuda::CUDAGuard guard(param.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  Tensor error = at::empty({1}, param.options().dtype(at::kLong));
   cpl_cuda::MaskedAdamWParams p;
   p.param = param.data_ptr();
   p.grad = grad.data_ptr();
@@ -196,10 +214,29 @@ void masked_adamw_step_cuda(const Tensor& param, const Tensor& grad, const Tenso
   p.block_offsets = block_offsets.data_ptr<int64_t>();
   p.exp_avg = exp_avg.data_ptr<float>();
   p.exp_avg_sq = exp_avg_sq.data_ptr<float>();
+  p.state_len = state_len;
   p.dtype = param_dtype(param, op, "param");
   p.numel = n;
   p.hyper = adam_hyper(step, lr, beta1, beta2, eps, weight_decay, true, cpl_cuda::Criterion::kUpdate, true);
-  check_launch(cpl_cuda::launch_masked_adamw_step(p, c10::cuda::getCurrentCUDAStream()), op);
+  p.error = reinterpret_cast<unsigned long long*>(error.data_ptr<int64_t>());
+  // Validate, then step: the step kernel reads the error word first and writes nothing when it is
+  // set, so a bad compact state leaves param, exp_avg and exp_avg_sq untouched.
+  check_launch(cpl_cuda::launch_masked_adamw_validate(p, stream), op);
+  check_launch(cpl_cuda::launch_masked_adamw_step(p, stream), op);
+  // One host sync per masked step (this read of the error word): the caller must get the error
+  // as an exception, which only the host can raise; the device word alone could only make the
+  // step skip its writes silently. The host waits for the step kernel, and the GPU then idles
+  // until the host queues the next kernel: about one launch latency (a few microseconds) per
+  // masked parameter per step, and the host loses its run-ahead. It also makes this op
+  // uncapturable in a CUDA graph.
+  const auto code = static_cast<unsigned long long>(error.item<int64_t>());
+  if (code != cpl_cuda::kMaskedStateOk) {
+    // Rerun the check on the host for the message that names the block and the values (error
+    // path only: copies the mask and the offsets, 0.13 B per element).
+    cpl::cpu::check_compact_state(mask.cpu(), block_offsets.cpu(), n, state_len, op);
+    TORCH_CHECK_VALUE(false, "cpl.", op, ": the compact state (mask_words, block_offsets, exp_avg) is inconsistent "
+                      "(device check code ", code, ")");
+  }
 }
 
 // ---- multi-tensor ---------------------------------------------------------------------------
@@ -221,9 +258,13 @@ Tensor device_scalar(const Tensor& t, const Tensor& like, const char* op, const 
   return t.reshape({}).to(at::kDouble);  // device-side cast: stays capturable in a CUDA graph
 }
 
+std::string item(const char* list, int64_t i) { return std::string(list) + "[" + std::to_string(i) + "]"; }
+
+// Validates every entry (all before any launch, so an error leaves every tensor as it was) and
+// groups the pointers by dtype. Messages name the entry, e.g. 'exp_avgs[3]'.
 std::vector<Group> group_by_dtype(at::TensorList params, at::TensorList grads, at::TensorList state1,
-                                  at::TensorList state2, const c10::List<std::optional<Tensor>>& codes,
-                                  const char* op) {
+                                  const char* state1_name, at::TensorList state2, const char* state2_name,
+                                  const c10::List<std::optional<Tensor>>& codes, const char* op) {
   const int64_t n = static_cast<int64_t>(params.size());
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == n, "cpl.", op, ": 'grads' has ", grads.size(), " tensors, 'params' ", n);
   TORCH_CHECK(state1.empty() || static_cast<int64_t>(state1.size()) == n, "cpl.", op, ": state list length mismatch");
@@ -233,24 +274,28 @@ std::vector<Group> group_by_dtype(at::TensorList params, at::TensorList grads, a
   std::vector<Group> groups(3);
   for (int64_t i = 0; i < n; ++i) {
     const Tensor& p = params[i];
-    check_param_grad(p, grads[i], op);
+    // One launch serves the whole list on params[0]'s device: a tensor on another GPU would hand
+    // the kernel a pointer it may not dereference (no peer access).
+    check_cuda(p, params[0], op, item("params", i).c_str());
+    const auto dtype = param_dtype(p, op, item("params", i).c_str());
     const int64_t numel = p.numel();
-    Group& g = groups[static_cast<int>(param_dtype(p, op, "params"))];
+    check_tensor(grads[i], p, op, item("grads", i).c_str(), p.scalar_type(), numel);
+    Group& g = groups[static_cast<int>(dtype)];
     g.params.push_back(p.data_ptr());
     g.grads.push_back(grads[i].data_ptr());
     if (!state1.empty()) {
-      check_tensor(state1[i], p, op, "state", at::kFloat, numel);
+      check_tensor(state1[i], p, op, item(state1_name, i).c_str(), at::kFloat, numel);
       g.state1.push_back(state1[i].data_ptr<float>());
     }
     if (!state2.empty()) {
-      check_tensor(state2[i], p, op, "exp_avg_sq", at::kFloat, numel);
+      check_tensor(state2[i], p, op, item(state2_name, i).c_str(), at::kFloat, numel);
       g.state2.push_back(state2[i].data_ptr<float>());
     }
     const int32_t* c = nullptr;
     if (codes.size() > 0) {
       const std::optional<Tensor> ci = codes.get(i);
       if (ci.has_value()) {
-        check_tensor(*ci, p, op, "codes", at::kInt, code_words(numel));
+        check_tensor(*ci, p, op, item("codes", i).c_str(), at::kInt, code_words(numel));
         c = ci->data_ptr<int32_t>();
       }
     }
@@ -274,7 +319,7 @@ Tensor cpl_adam_step_multi_cuda(at::TensorList params, at::TensorList grads, at:
   const Tensor step_d = device_scalar(step, first, op, "step");
   const Tensor lr_d = device_scalar(lr, first, op, "lr");
   const auto crit = parse_criterion(criterion, op);
-  std::vector<Group> groups = group_by_dtype(params, grads, exp_avgs, exp_avg_sqs, codes, op);
+  std::vector<Group> groups = group_by_dtype(params, grads, exp_avgs, "exp_avgs", exp_avg_sqs, "exp_avg_sqs", codes, op);
   Tensor counts = at::zeros({static_cast<int64_t>(params.size())}, first.options().dtype(at::kLong));
   for (int d = 0; d < 3; ++d) {
     Group& g = groups[d];
@@ -317,7 +362,7 @@ Tensor cpl_sgd_step_multi_cuda(at::TensorList params, at::TensorList grads, at::
   const Tensor lr_d = device_scalar(lr, first, op, "lr");
   const auto crit = parse_criterion(criterion, op);
   std::vector<Group> groups = group_by_dtype(params, grads, momentum != 0.0 ? momentum_buffers : at::TensorList(),
-                                             at::TensorList(), codes, op);
+                                             "momentum_buffers", at::TensorList(), "", codes, op);
   Tensor counts = at::zeros({static_cast<int64_t>(params.size())}, first.options().dtype(at::kLong));
   for (int d = 0; d < 3; ++d) {
     Group& g = groups[d];
@@ -345,6 +390,88 @@ Tensor cpl_sgd_step_multi_cuda(at::TensorList params, at::TensorList grads, at::
   return counts;
 }
 
+// ---- the step engine ------------------------------------------------------------------------
+
+// A one-element floating-point device tensor (GradScaler's scale or found_inf), validated.
+const Tensor& amp_scalar(const Tensor& t, const Tensor& like, const char* op, const char* name) {
+  check_cuda(t, like, op, name);
+  TORCH_CHECK_VALUE(t.numel() == 1 && at::isFloatingType(t.scalar_type()), "cpl.", op, ": argument '", name,
+                    "' must be a one-element floating-point tensor");
+  return t;
+}
+
+// cpl::cpl_step_ (contract: cpl_kernels/reference_step.py). Everything is validated, every entry
+// of every list included, before the first launch: an error leaves every tensor as it was. The
+// kind's hyper count and state slots come from the engine (directions.cuh), so this function
+// knows no kind. Device-side casts only (step, lr to double; grad_scale to fp32; found_inf to an
+// int32 flag): no host sync, so the call is CUDA-graph capturable. step >= 1 and a finite lr are
+// the Python layer's checks (engine.py): reading them here would sync.
+Tensor cpl_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
+                     const c10::List<std::optional<Tensor>>& codes, c10::string_view kind, const Tensor& step,
+                     const Tensor& lr, at::ArrayRef<double> hyper, c10::string_view criterion, bool strict,
+                     bool skip_nonfinite, const std::optional<Tensor>& grad_scale,
+                     const std::optional<Tensor>& found_inf) {
+  const char* op = "cpl_step_";
+  const std::string kind_name(kind);
+  const int num_hyper = cpl_cuda::step_kind_num_hyper(kind_name.c_str());
+  TORCH_CHECK_VALUE(num_hyper >= 0, "cpl.", op, ": argument 'kind' must be one of ", cpl_cuda::step_kind_names(),
+                    "; got '", kind_name, "'");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(hyper.size()) == num_hyper, "cpl.", op, ": argument 'hyper' for kind '",
+                    kind_name, "' holds ", hyper.size(), " values; expected ", num_hyper);
+  for (size_t j = 0; j < hyper.size(); ++j)
+    TORCH_CHECK_VALUE(std::isfinite(hyper[j]), "cpl.", op, ": argument 'hyper' has a non-finite value at ", j);
+  const int slots = cpl_cuda::step_kind_state_slots(kind_name.c_str(), hyper.data());
+  const auto crit = parse_criterion(criterion, op);
+  const int64_t n = static_cast<int64_t>(params.size());
+  const auto check_count = [&](const char* name, int64_t got, int64_t want) {
+    TORCH_CHECK_VALUE(got == want, "cpl.", op, ": argument '", name, "' has ", got, " entries but 'params' has ", n,
+                      want == 0 && n != 0 ? " (kind '" + kind_name + "' uses no such state here: pass [])" : "");
+  };
+  check_count("grads", static_cast<int64_t>(grads.size()), n);
+  check_count("state1", static_cast<int64_t>(state1.size()), slots >= 1 ? n : 0);
+  check_count("state2", static_cast<int64_t>(state2.size()), slots >= 2 ? n : 0);
+  TORCH_CHECK_VALUE(codes.size() == 0 || static_cast<int64_t>(codes.size()) == n, "cpl.", op, ": argument 'codes' has ",
+                    codes.size(), " entries but 'params' has ", n);
+  const Tensor& first = n > 0 ? params[0] : step;
+  const c10::cuda::CUDAGuard guard(first.device());
+  const Tensor step_d = device_scalar(step, first, op, "step");
+  const Tensor lr_d = device_scalar(lr, first, op, "lr");
+  const Tensor scale_d = grad_scale ? amp_scalar(*grad_scale, first, op, "grad_scale").reshape({}).to(at::kFloat)
+                                    : Tensor();
+  const Tensor found_d = found_inf ? amp_scalar(*found_inf, first, op, "found_inf").reshape({}).ne(0).to(at::kInt)
+                                   : Tensor();
+  Tensor counts = at::zeros({2, n}, first.options().dtype(at::kLong));
+  if (n == 0) return counts;
+  std::vector<Group> groups = group_by_dtype(params, grads, state1, "state1", state2, "state2", codes, op);
+  for (int d = 0; d < 3; ++d) {
+    Group& g = groups[d];
+    if (g.params.empty()) continue;
+    cpl_cuda::StepParams p;
+    p.kind = kind_name.c_str();
+    p.hyper = hyper.data();
+    p.num_tensors = static_cast<int64_t>(g.params.size());
+    p.params = g.params.data();
+    p.grads = g.grads.data();
+    p.state1 = slots >= 1 ? g.state1.data() : nullptr;
+    p.state2 = slots >= 2 ? g.state2.data() : nullptr;
+    p.codes = g.codes.data();
+    p.numels = g.numels.data();
+    p.count_slots = g.slots.data();
+    p.dtype = static_cast<cpl_cuda::DType>(d);
+    p.step = step_d.data_ptr<double>();
+    p.lr = lr_d.data_ptr<double>();
+    p.grad_scale = grad_scale ? scale_d.data_ptr<float>() : nullptr;
+    p.found_inf = found_inf ? found_d.data_ptr<int32_t>() : nullptr;
+    p.criterion = crit;
+    p.strict = strict;
+    p.skip_nonfinite = skip_nonfinite;
+    p.counts = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
+    p.count_stride = n;
+    check_launch(cpl_cuda::launch_cpl_step(p, c10::cuda::getCurrentCUDAStream()), op);
+  }
+  return counts;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cpl, CUDA, m) {
@@ -356,4 +483,5 @@ TORCH_LIBRARY_IMPL(cpl, CUDA, m) {
   m.impl("masked_adamw_step_", &masked_adamw_step_cuda);
   m.impl("cpl_adam_step_multi_", &cpl_adam_step_multi_cuda);
   m.impl("cpl_sgd_step_multi_", &cpl_sgd_step_multi_cuda);
+  m.impl("cpl_step_", &cpl_step_cuda);
 }

@@ -1,0 +1,124 @@
+"""The step engine's entry point: `cpl_step_`, one call for every parameter of one optimizer
+kind in a model step (the one native step op, `cpl::cpl_step_`, on every backend).
+
+    counts = cpl_step_(params, grads, state1, state2, codes, "adamw", step, lr,
+                       [beta1, beta2, eps, weight_decay], criterion="gradient", strict=True)
+
+Arguments (the contract is cpl_kernels/reference_step.py's docstring):
+  params, grads      lists of tensors (fp32, bf16 or fp16, contiguous, one device, grad dtype =
+                     param dtype); params are updated in place.
+  state1, state2     fp32 state tensors shaped like each param, or empty lists for slots the kind
+                     does not use (kinds.py: Adam m/v, SGD with momentum its buffer, Lion m).
+  codes              None, or a list of sign codes / None per param (None: no reference).
+  kind, hyper        a name of kinds.KINDS and its hyperparameters in the order it lists.
+  step, lr           numbers or 1-element tensors (on CUDA device tensors keep the call graph-
+                     capturable); step counts from 1 (used by Adam's bias corrections).
+  skip_nonfinite     elements whose gradient is NaN or inf are left untouched and counted.
+  grad_scale, found_inf  torch.amp.GradScaler's fused protocol: gradients are divided by
+                     grad_scale on the fly; a nonzero found_inf skips the whole step.
+Returns int64 [2, len(params)]: conflicting counts, then non-finite gradient counts.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _backend
+from . import _checks as check
+from . import kinds as K
+from . import reference_step
+
+OP = "cpl_step_"
+
+
+def _as_list(name: str, xs, n: int | None = None) -> list:
+    if isinstance(xs, (Tensor, str, bytes)) or not isinstance(xs, Sequence):
+        raise ValueError(f"cpl.{OP}: argument '{name}' must be a list of tensors, got {type(xs).__name__}")
+    xs = list(xs)
+    if n is not None and len(xs) != n:
+        raise ValueError(f"cpl.{OP}: argument '{name}' has {len(xs)} entries but 'params' has {n}")
+    return xs
+
+
+def _scalar(name: str, x, device: torch.device, at_least: float) -> Tensor:
+    """A float64 0-dim tensor on `device` holding x, validated (x may be a number or a tensor)."""
+    if isinstance(x, Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"cpl.{OP}: argument '{name}' must hold one value, got {x.numel()}")
+        if x.device != device:
+            raise ValueError(f"cpl.{OP}: argument '{name}' is on {x.device} but the params are on {device}")
+        if x.device.type == "cpu":
+            check.hyper(OP, **{name: float(x.item())})
+        return x.reshape(())
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < at_least:
+        raise ValueError(f"cpl.{OP}: argument '{name}' must be a finite number >= {at_least:g}, got {x!r}")
+    return torch.tensor(float(x), dtype=torch.float64, device=device)
+
+
+def _amp_tensor(name: str, t: Tensor | None, device: torch.device) -> Tensor | None:
+    if t is None:
+        return None
+    if not isinstance(t, Tensor) or t.numel() != 1 or not t.is_floating_point():
+        raise ValueError(f"cpl.{OP}: argument '{name}' must be a one-element floating-point tensor")
+    if t.device != device:
+        raise ValueError(f"cpl.{OP}: argument '{name}' is on {t.device} but the params are on {device}")
+    return t
+
+
+def cpl_step_(
+    params: Sequence[Tensor], grads: Sequence[Tensor], state1: Sequence[Tensor],
+    state2: Sequence[Tensor], codes: Sequence[Tensor | None] | None, kind: str, step, lr,
+    hyper: Sequence[float], criterion: str = "update", strict: bool = True,
+    skip_nonfinite: bool = True, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+) -> Tensor:
+    """The fused CPL step of `kind` over lists of tensors (module docstring). Every argument is
+    validated before anything is written."""
+    params = _as_list("params", params)
+    n = len(params)
+    grads = _as_list("grads", grads, n)
+    k = K.kind_of(OP, kind)
+    K.check_hyper(OP, k, hyper)
+    slots = K.state_slots(k, hyper)
+    s1 = _as_list("state1", state1, n if slots >= 1 else 0)
+    s2 = _as_list("state2", state2, n if slots >= 2 else 0)
+    codes = [None] * n if codes is None else _as_list("codes", codes, n)
+    check.criterion(OP, criterion, strict)
+    if not isinstance(strict, bool) or not isinstance(skip_nonfinite, bool):
+        raise ValueError(f"cpl.{OP}: arguments 'strict' and 'skip_nonfinite' must be bools")
+    if n == 0:
+        return torch.zeros(2, 0, dtype=torch.int64)
+    device = params[0].device
+    for i, (p, g) in enumerate(zip(params, grads)):
+        check.tensor(OP, f"params[{i}]", p, dtypes=check.PARAM_DTYPES, like=params[0])
+        check.tensor(OP, f"grads[{i}]", g, dtypes=check.PARAM_DTYPES, like=p)
+        if g.dtype != p.dtype or g.shape != p.shape:
+            raise ValueError(f"cpl.{OP}: argument 'grads[{i}]' has dtype {g.dtype} and shape {tuple(g.shape)} "
+                             f"but 'params[{i}]' has {p.dtype}, {tuple(p.shape)}; they must match")
+        for name, slot in (("state1", s1), ("state2", s2)):
+            if slot:
+                check.fp32_state(OP, f"{name}[{i}]", slot[i], p)
+        if codes[i] is not None:
+            check.codes(OP, f"codes[{i}]", codes[i], p.numel(), like=p)
+    step_t = _scalar("step", step, device, 1.0 if k.uses_step else 0.0)
+    lr_t = _scalar("lr", lr, device, 0.0)
+    grad_scale = _amp_tensor("grad_scale", grad_scale, device)
+    found_inf = _amp_tensor("found_inf", found_inf, device)
+    hyper = [float(h) for h in hyper]
+    backend = _backend.choose(device)
+    if backend in ("cpp", "cuda") and not _backend.has_op(OP, "CPU" if backend == "cpp" else "CUDA"):
+        # A library built before this op existed: as a library that fails to load, loud, once.
+        _backend.warn_fallback(f"cpl.{OP} (cpl_kernels._C has no {backend} kernel for it: rebuild "
+                               "with `pip install --no-build-isolation -e .`)")
+        backend = "reference"
+    if backend in ("cpp", "cuda"):
+        fn = torch.ops.cpl.cpl_step_
+    elif backend == "triton":
+        from .triton import step as triton_step
+        fn = triton_step.cpl_step_
+    else:
+        fn = reference_step.cpl_step_
+    return fn(params, grads, s1, s2, codes, kind, step_t, lr_t, hyper, criterion, strict,
+              skip_nonfinite, grad_scale, found_inf)
