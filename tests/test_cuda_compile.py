@@ -1,9 +1,12 @@
-"""Every csrc/cuda/*.cu compiles with plain nvcc for sm_80 and sm_90, warnings as errors.
+"""Every csrc/cuda/*.cu compiles with plain nvcc for setup.py's default archs (sm_80, sm_90),
+warnings as errors.
 
-No GPU needed (DESIGN.md section 2): this checks the CUDA build everywhere nvcc exists. The flags
-match setup.py's nvcc flags plus -Werror; each file is compiled once for both archs, two files
-at a time (nvcc is slow and the suite shares small machines).
+No GPU needed (docs/design.md section 4): this checks the CUDA build everywhere nvcc exists. The flags
+are setup.py's own (NVCC_FLAGS and DEFAULT_CUDA_ARCHS, read from setup.py as literals so they are
+stated once and importing setup.py cannot run a build) plus -Werror; each file is compiled once
+for both archs, two files at a time (nvcc is slow and the suite shares small machines).
 """
+import ast
 import glob
 import os
 import shutil
@@ -16,8 +19,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CU_FILES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 NVCC = shutil.which("nvcc")
 
-FLAGS = ["-c", "-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
-         "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+
+def _setup_py_constants() -> dict:
+    """setup.py's NVCC_FLAGS and DEFAULT_CUDA_ARCHS, without running setup.py."""
+    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+    return {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+            for t in node.targets if isinstance(t, ast.Name) and t.id in ("NVCC_FLAGS", "DEFAULT_CUDA_ARCHS")}
+
+
+_SETUP = _setup_py_constants()
+ARCHS = _SETUP["DEFAULT_CUDA_ARCHS"].split(";")
+FLAGS = ["-c", *_SETUP["NVCC_FLAGS"], *(f for a in ARCHS for f in ("-gencode", f"arch=compute_{a},code=sm_{a}")),
          "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror"]
 
 
