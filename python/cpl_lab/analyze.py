@@ -75,7 +75,8 @@ def analyze(cfg: LabConfig, out: Path, cache_dir=None, progress=True, plots=True
     g_mastered = mean_grads(model, params, lab.mastered_in, bs)
     samples = per_item_similarity(lab, params, _flat(g_inject), progress)
 
-    lr, seed = cfg.lrs[0], cfg.seeds[0]
+    # The largest rate of the grid: the fine-tuning run that forgets most, so the most labels.
+    lr, seed = max(cfg.lrs), cfg.seeds[0]
     ft = run_cell(lab, "ft", lr, seed, progress=progress)
     forgotten = set(ft["forgotten_keys"])
     for s in samples:

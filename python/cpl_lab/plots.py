@@ -101,7 +101,7 @@ def frontier(cells: list[dict], path: Path, fraction: float) -> Path:
     n_mastered = r0["n_mastered_in"] + r0["n_mastered_out"]
     budget = budget_facts(fraction, n_mastered)
     lrs = sorted({c["lr"] for c in cells})
-    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     for method in sorted(by_method, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER)):
         pts, color = by_method[method], _color(method)
         for i, lr in enumerate(lrs):
@@ -119,7 +119,7 @@ def frontier(cells: list[dict], path: Path, fraction: float) -> Path:
             ys.append(p.learned)
         best = best_within(pts, budget)
         label = method if best is None else (
-            f"{method}: {best.learned:.0f} within budget"
+            f"{method}: {best.learned:.1f}"
             + (" (do not train)" if best.epoch == 0 else f" (lr {best.lr:g}, epoch {best.epoch})"))
         ax.plot(xs, ys, color=color, lw=2.2, label=label)
         if best is not None:
@@ -143,7 +143,8 @@ def frontier(cells: list[dict], path: Path, fraction: float) -> Path:
                  + ", ".join(f"{_LR_MARKERS[i % len(_LR_MARKERS)]} {lr:g}" for i, lr in enumerate(lrs))
                  + ")", fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
+              title=f"learned within the budget", title_fontsize=8)
     fig.tight_layout()
     out = Path(path) / "frontier.png"
     fig.savefig(out, dpi=110)
