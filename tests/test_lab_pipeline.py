@@ -152,3 +152,13 @@ def test_bad_data_file_is_a_clean_error(tmp_path, capsys):
     data.write_text('{"question": "q", "answer": "a"}\n{oops\n')
     assert main(["inject", *TINY, "--data", str(data), "--out", str(tmp_path / "r")]) == 2
     assert f"{data}:2:" in capsys.readouterr().err
+
+
+def test_a_config_from_before_the_new_options_keeps_their_old_behaviour():
+    from cpl_lab.config import LabConfig
+    old = LabConfig().as_dict()
+    for key in ("lora_lr_scale", "ref_every", "xp_every", "ewc_lambda", "forget_budget"):
+        del old[key]
+    cfg = LabConfig.from_dict(old)
+    assert (cfg.lora_lr_scale, cfg.ref_every, cfg.xp_every) == (1.0, 1, 1)
+    assert LabConfig.from_dict(LabConfig().as_dict()) == LabConfig()

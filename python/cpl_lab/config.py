@@ -103,8 +103,14 @@ class LabConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LabConfig":
+        """A stored config.json. Keys it lacks were added later: they take the value that
+        reproduces what the lab did before they existed, so a resume compares like with like."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{**cls.LEGACY, **{k: v for k, v in d.items() if k in names}})
+
+    # Before --lora-lr-scale, --ref-every and --xp-every: LoRA at the grid's lr, the reference
+    # rebuilt every step, the held-out templates measured at every evaluation.
+    LEGACY = {"lora_lr_scale": 1.0, "ref_every": 1, "xp_every": 1}
 
     # What decides the pre-trained model (and so its cache entry), nothing else.
     PRETRAIN_KEYS = ("data", "n_entities", "relations", "train_templates", "data_seed", "hidden",
