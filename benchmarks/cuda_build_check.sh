@@ -6,7 +6,7 @@
 # CPU (CUDA tests skip). Too heavy for every CI run; run it whenever csrc/cuda or setup.py changes
 # and record the date and result in docs/gpu.md ("CUDA build check (no GPU)").
 #
-#   CPL_CUDA_VENV   the CUDA-torch venv, created once (~3.5 GB: torch+cu130 and its CUDA libraries)
+#   CPL_CUDA_VENV   the CUDA-torch venv, created once (torch+cu130 and its CUDA libraries: ~5 GB on disk)
 #                   default $HOME/.cache/cpl-kernels/cuda-venv; recreated when requirements.txt changes
 #   CPL_CUDA_WORK   scratch copy of the tree that is built (never the checkout: its build/ and
 #                   cpl_kernels/_C*.so belong to the dev venv); default $HOME/.cache/cpl-kernels/cuda-build
