@@ -62,48 +62,6 @@ def contribution_stats_codes(a: Tensor, codes: Tensor, mask_out: Tensor | None =
     return kernel("contribution_stats_codes", a.device)(a, codes, mask_out)
 
 
-def cpl_adam_step_(
-    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, codes: Tensor | None,
-    step: float, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-    decoupled: bool, criterion: str = "update", strict: bool = True,
-) -> Tensor:
-    """Fused CPL Adam/AdamW step; returns the conflicting-element count (int64 0-dim tensor)."""
-    op = "cpl_adam_step_"
-    check.param_and_grad(op, param, grad)
-    check.fp32_state(op, "exp_avg", exp_avg, param)
-    check.fp32_state(op, "exp_avg_sq", exp_avg_sq, param)
-    if codes is not None:
-        check.codes(op, "codes", codes, param.numel(), like=param)
-    check.criterion(op, criterion, strict)
-    check.hyper(op, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-    return kernel(op, param.device)(param, grad, exp_avg, exp_avg_sq, codes, float(step), float(lr),
-                                   float(beta1), float(beta2), float(eps), float(weight_decay),
-                                   bool(decoupled), criterion, bool(strict))
-
-
-def cpl_sgd_step_(
-    param: Tensor, grad: Tensor, momentum_buffer: Tensor | None, codes: Tensor | None,
-    lr: float, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
-    nesterov: bool = False, init_buffer: bool = False, criterion: str = "update", strict: bool = True,
-) -> Tensor:
-    """Fused CPL SGD(+momentum) step; returns the conflicting-element count."""
-    op = "cpl_sgd_step_"
-    check.param_and_grad(op, param, grad)
-    if momentum != 0:
-        if momentum_buffer is None:
-            raise ValueError(f"cpl.{op}: argument 'momentum_buffer' is required when momentum={momentum}")
-        check.fp32_state(op, "momentum_buffer", momentum_buffer, param)
-    if codes is not None:
-        check.codes(op, "codes", codes, param.numel(), like=param)
-    check.criterion(op, criterion, strict)
-    check.hyper(op, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError(f"cpl.{op}: argument 'nesterov' needs momentum > 0 and dampening == 0")
-    return kernel(op, param.device)(param, grad, momentum_buffer if momentum != 0 else None, codes,
-                                   float(lr), float(momentum), float(dampening), float(weight_decay),
-                                   bool(nesterov), bool(init_buffer), criterion, bool(strict))
-
-
 def masked_adamw_step_(
     param: Tensor, grad: Tensor, mask_words: Tensor, block_offsets: Tensor,
     exp_avg: Tensor, exp_avg_sq: Tensor, step: float, lr: float, beta1: float, beta2: float,
@@ -146,14 +104,6 @@ def _register_fakes() -> None:
     torch.library.register_fake("cpl::contribution_stats")(stats_fake)
     torch.library.register_fake("cpl::contribution_stats_codes")(stats_fake)
 
-    @torch.library.register_fake("cpl::cpl_adam_step_")
-    def _(param, *args):
-        return param.new_empty((), dtype=torch.int64)
-
-    @torch.library.register_fake("cpl::cpl_sgd_step_")
-    def _(param, *args):
-        return param.new_empty((), dtype=torch.int64)
-
     @torch.library.register_fake("cpl::masked_adamw_step_")
     def _(*args):
         return None
@@ -163,18 +113,6 @@ def _register_fakes() -> None:
         def _(params, *args):
             device = params[0].device if params else None
             return torch.empty((2, len(params)), dtype=torch.int64, device=device)
-
-    # Multi-tensor ops (cpl_kernels/multi_tensor.py): one int64 count per param. Guarded so a
-    # stale build without these schemas still imports.
-    if hasattr(torch.ops.cpl, "cpl_adam_step_multi_"):
-        @torch.library.register_fake("cpl::cpl_adam_step_multi_")
-        def _(params, *args):
-            return params[0].new_empty((len(params),), dtype=torch.int64)
-
-    if hasattr(torch.ops.cpl, "cpl_sgd_step_multi_"):
-        @torch.library.register_fake("cpl::cpl_sgd_step_multi_")
-        def _(params, *args):
-            return params[0].new_empty((len(params),), dtype=torch.int64)
 
 
 _register_fakes()

@@ -23,8 +23,9 @@ the tests hold to it: tests/tolerances.py):
   lr, betas, eps, weight_decay and momentum directly; 1 - beta1, 1 - beta2, 1 - dampening and the
   bias corrections 1 - beta1**t and sqrt(1 - beta2**t) computed in double first (C pow and sqrt).
 * Every tensor operation is one IEEE fp32 operation, correctly rounded to nearest even, in the
-  operation order of the C++ kernels (csrc/cpu/adam_math.h adam_direction, adam_kernel.h,
-  sgd_step.cpp, masked_adamw.cpp): no fused multiply-add, no reciprocal for a division.
+  operation order of the C++ kernels (csrc/cpu/directions.h for the step engine, whose contract
+  is reference_step.py; adam_math.h and masked_adamw.cpp for the compact-state step): no fused
+  multiply-add, no reciprocal for a division.
   Each is computed in float64 and rounded to fp32 (_mul, _add, _sub, _div, _sqrt below). That
   is exact: a float64 result rounded to fp32 equals the correctly rounded fp32 result for +, -,
   *, / and sqrt of fp32 operands, since 53 >= 2*24 + 2 (double rounding is innocuous).
@@ -231,77 +232,6 @@ def _adam_direction(g: Tensor, m: Tensor, v: Tensor, h: AdamHyper) -> Tensor:
     m.copy_(m_new)
     v.copy_(v_new)
     return _div(_div(m_new, h.bias_correction1), _add(_div(_sqrt(v_new), h.bias_correction2_sqrt), h.eps))
-
-
-@_fp64_on_cpu("param", "exp_avg", "exp_avg_sq")
-def cpl_adam_step_(
-    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, codes: Tensor | None,
-    step: float, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-    decoupled: bool, criterion: str, strict: bool,
-) -> Tensor:
-    """Adam (decoupled=False, L2 weight decay as torch.optim.Adam) or AdamW (decoupled=True).
-
-    Returns the number of conflicting elements (int64 0-dim tensor): those frozen this step, or,
-    for criterion="gradient", strict=False, those whose gradient was zeroed.
-    fp32 rounding as the module docstring states; the order is csrc/cpu/adam_kernel.h's:
-    L2: g = g + wd*p;  u = adam_direction(g);  AdamW: u = u + wd*p;  p = p - lr*u.
-    """
-    h = adam_hyper(step, lr, beta1, beta2, eps, weight_decay)
-    p = param.reshape(-1).float()
-    g = grad.reshape(-1).float()
-    if not decoupled and weight_decay != 0:
-        g = _add(g, _mul(h.weight_decay, p))
-    n = p.numel()
-    ok = torch.ones(n, dtype=torch.bool, device=p.device)
-    signs = unpack_signs(codes, n) if codes is not None else None
-    if signs is not None and criterion == "gradient":
-        ok = _collaborative(g, signs)
-        g = torch.where(ok, g, torch.zeros_like(g))
-    u = _adam_direction(g, exp_avg.view(-1), exp_avg_sq.view(-1), h)
-    if decoupled and weight_decay != 0:
-        u = _add(u, _mul(h.weight_decay, p))
-    if signs is not None and criterion == "update":
-        ok = _collaborative(u, signs)
-    apply = ok if (criterion == "update" or strict) else torch.ones_like(ok)
-    new_p = torch.where(apply, _sub(p, _mul(h.lr, u)), p)
-    param.view(-1).copy_(new_p.to(param.dtype))
-    return (~ok).sum().to(torch.int64)
-
-
-@_fp64_on_cpu("param", "momentum_buffer")
-def cpl_sgd_step_(
-    param: Tensor, grad: Tensor, momentum_buffer: Tensor | None, codes: Tensor | None,
-    lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
-    init_buffer: bool, criterion: str, strict: bool,
-) -> Tensor:
-    """SGD with optional momentum, as torch.optim.SGD (buffer = first gradient when init_buffer).
-
-    fp32 rounding as the module docstring states; the order is csrc/cpu/sgd_step.cpp's:
-    g = g + wd*p;  buf = g (first step) or buf*mu + (1-dampening)*g;  u = buf, or g + mu*buf
-    (Nesterov);  p = p - lr*u.
-    """
-    lr_f, momentum_f, one_minus_dampening, wd = f32(lr), f32(momentum), f32(1.0 - dampening), f32(weight_decay)
-    p = param.reshape(-1).float()
-    g = grad.reshape(-1).float()
-    if weight_decay != 0:
-        g = _add(g, _mul(wd, p))
-    n = p.numel()
-    ok = torch.ones(n, dtype=torch.bool, device=p.device)
-    signs = unpack_signs(codes, n) if codes is not None else None
-    if signs is not None and criterion == "gradient":
-        ok = _collaborative(g, signs)
-        g = torch.where(ok, g, torch.zeros_like(g))
-    u = g
-    if momentum != 0:
-        buf = momentum_buffer.view(-1)
-        buf.copy_(g if init_buffer else _add(_mul(buf, momentum_f), _mul(one_minus_dampening, g)))
-        u = _add(g, _mul(momentum_f, buf)) if nesterov else buf.clone()
-    if signs is not None and criterion == "update":
-        ok = _collaborative(u, signs)
-    apply = ok if (criterion == "update" or strict) else torch.ones_like(ok)
-    new_p = torch.where(apply, _sub(p, _mul(lr_f, u)), p)
-    param.view(-1).copy_(new_p.to(param.dtype))
-    return (~ok).sum().to(torch.int64)
 
 
 # ---- compact state ---------------------------------------------------------------------------

@@ -26,25 +26,7 @@ TORCH_LIBRARY(cpl, m) {
   m.def("contribution_stats(Tensor a, Tensor b, Tensor(a!)? mask_out) -> (Tensor, Tensor)");
   m.def("contribution_stats_codes(Tensor a, Tensor codes, Tensor(a!)? mask_out) -> (Tensor, Tensor)");
   m.def(
-      "cpl_adam_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
-      "Tensor? codes, float step, float lr, float beta1, float beta2, float eps, float weight_decay, "
-      "bool decoupled, str criterion, bool strict) -> Tensor");
-  m.def(
-      "cpl_sgd_step_(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, Tensor? codes, "
-      "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
-      "bool init_buffer, str criterion, bool strict) -> Tensor");
-  m.def(
       "masked_adamw_step_(Tensor(a!) param, Tensor grad, Tensor mask_words, Tensor block_offsets, "
       "Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, float step, float lr, float beta1, float beta2, "
       "float eps, float weight_decay) -> ()");
-  // Multi-tensor steps (one launch per table of tensors of one dtype; lr and step are device
-  // scalars so a step can be captured in a CUDA graph). Return per-tensor conflicting counts.
-  m.def(
-      "cpl_adam_step_multi_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor?[] codes, Tensor step, Tensor lr, float beta1, float beta2, "
-      "float eps, float weight_decay, bool decoupled, str criterion, bool strict) -> Tensor");
-  m.def(
-      "cpl_sgd_step_multi_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-      "Tensor?[] codes, Tensor lr, float momentum, float dampening, float weight_decay, bool nesterov, "
-      "bool init_buffer, str criterion, bool strict) -> Tensor");
 }

@@ -17,7 +17,7 @@ def _triton_kernels_present() -> bool:
         import cpl_kernels.triton as kernels
     except ImportError:
         return False
-    return hasattr(kernels, "cpl_adam_step_")
+    return hasattr(kernels, "masked_adamw_step_")
 
 
 def available_backends(device: str = "cpu") -> list[str]:

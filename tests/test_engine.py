@@ -195,6 +195,20 @@ def test_reference_lion_matches_plain_lion():
     (dict(state2=[]), r"'state2' has 0 entries but 'params' has 2"),
     (dict(criterion="sign"), r"criterion"),
     (dict(grads="x"), r"'grads' must be a list"),
+    # Per-entry checks (each names the entry of the list; the last entry is the bad one).
+    (dict(grads=[torch.randn(10), torch.randn(21)]), r"'grads\[1\]'.*shape"),
+    (dict(grads=[torch.randn(10), torch.randn(20, dtype=torch.float64)]), r"'grads\[1\]'.*dtype"),
+    (dict(params=[torch.randn(10), torch.randn(20, dtype=torch.float64)]), r"'params\[1\]'.*dtype"),
+    (dict(state1=[torch.zeros(10), torch.zeros(19)]), r"'state1\[1\]'.*elements"),
+    (dict(state2=[torch.zeros(10), torch.zeros(20, dtype=torch.float16)]), r"'state2\[1\]'.*dtype"),
+    (dict(state2=[torch.zeros(10), torch.zeros(20, device="meta")]), r"'state2\[1\]' is on meta"),
+    (dict(grads=[torch.randn(10), torch.randn(40)[::2]]), r"'grads\[1\]'.*contiguous"),
+    (dict(grads=[torch.randn(10), torch.sparse_coo_tensor(torch.tensor([[0]]), torch.tensor([1.0]), (20,))]),
+     r"'grads\[1\]'.*dense"),
+    (dict(codes=[None, torch.zeros(1, dtype=torch.int32)]), r"'codes\[1\]' holds 1 int32 words but 20 elements need 2"),
+    (dict(codes=[None, torch.zeros(2, dtype=torch.int64)]), r"'codes\[1\]'.*dtype"),
+    (dict(lr=-1.0), r"'lr' must be a finite number >= 0"),
+    (dict(hyper=[0.9, 0.999, float("nan"), 0.0]), r"'eps'.*finite"),
 ])
 def test_errors_name_the_argument_and_write_nothing(bad, match):
     params = [torch.randn(10), torch.randn(20)]

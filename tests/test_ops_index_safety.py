@@ -5,8 +5,8 @@ The compact state of masked_adamw_step_ (mask bits, block_offsets, len(exp_avg))
 each way the invariant can break; every backend must raise ValueError naming the argument, the
 block and the values, and leave param, exp_avg and exp_avg_sq bit-identical. Each backend is
 called both through cpl_kernels.ops and directly (the native op, the Triton function, the
-reference function), so no check may live only in the Python wrapper. The multi-tensor ops must
-validate every entry before stepping any.
+reference function), so no check may live only in the Python wrapper. The step engine's list op
+validates every entry before stepping any: tests/test_engine_native.py.
 """
 import os
 import subprocess
@@ -155,49 +155,3 @@ except ValueError as e:
                           env={**os.environ, "CPL_BACKEND": ""})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "raised: cpl.masked_adamw_step_: argument 'block_offsets' has a negative entry" in proc.stdout
-
-
-# ---- multi-tensor ops: every entry validated before the first is stepped ----------------------
-
-def multi_group(device, n_tensors=4, n=100):
-    gen = torch.Generator().manual_seed(1)
-    params = [torch.randn(n, generator=gen).to(device) for _ in range(n_tensors)]
-    grads = [torch.randn(n, generator=gen).to(device) for _ in range(n_tensors)]
-    m = [torch.zeros(n, device=device) for _ in range(n_tensors)]
-    v = [torch.zeros(n, device=device) for _ in range(n_tensors)]
-    codes = [ops.pack_signs_(torch.randn(n, generator=gen).to(device)) for _ in range(n_tensors)]
-    return params, grads, m, v, codes
-
-
-NATIVE = [(d, b) for d, b in BACKENDS if b in ("cpp", "cuda")]
-
-
-@pytest.mark.parametrize("bad", ["codes", "exp_avg_sqs", "grads"])
-@pytest.mark.parametrize("device,name", NATIVE, ids=[f"{d}-{b}" for d, b in NATIVE])
-def test_adam_multi_validates_every_entry_before_writing(device, name, bad):
-    params, grads, m, v, codes = multi_group(device)
-    if bad == "codes":
-        codes[2] = torch.zeros(3, dtype=torch.int32, device=device)
-    elif bad == "exp_avg_sqs":
-        v[2] = torch.zeros(99, device=device)
-    else:
-        grads[2] = torch.randn(99, device=device)
-    before = [t.clone() for t in params + m + v]
-    with pytest.raises(RuntimeError, match=rf"cpl\.cpl_adam_step_multi_: argument '{bad}\[2\]'"):
-        torch.ops.cpl.cpl_adam_step_multi_(params, grads, m, v, codes, torch.tensor(1.0, device=device),
-                                           torch.tensor(1e-2, device=device), 0.9, 0.999, 1e-8, 0.0, True,
-                                           "update", True)
-    for t, b in zip(params + m + v, before):
-        assert torch.equal(t, b)  # entries 0 and 1 were not stepped either
-
-
-@pytest.mark.parametrize("device,name", NATIVE, ids=[f"{d}-{b}" for d, b in NATIVE])
-def test_sgd_multi_validates_every_entry_before_writing(device, name):
-    params, grads, bufs, _, codes = multi_group(device)
-    bufs[3] = torch.zeros(7, device=device)
-    before = [t.clone() for t in params + bufs]
-    with pytest.raises(RuntimeError, match=r"cpl\.cpl_sgd_step_multi_: argument 'momentum_buffers\[3\]'"):
-        torch.ops.cpl.cpl_sgd_step_multi_(params, grads, bufs, codes, torch.tensor(1e-2, device=device), 0.9, 0.0,
-                                          0.0, False, False, "update", True)
-    for t, b in zip(params + bufs, before):
-        assert torch.equal(t, b)

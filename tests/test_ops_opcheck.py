@@ -29,18 +29,8 @@ def cases(device):
         "pack_signs_": (p, ops.empty_codes(p)),
         "contribution_stats": (p, g, ops.empty_mask(p)),
         "contribution_stats_codes": (p, codes, None),
-        "cpl_adam_step_": (p.clone(), g, zeros(), zeros(), codes, 3.0, 1e-3, 0.9, 0.999, 1e-8, 0.01,
-                           True, "update", True),
-        "cpl_sgd_step_": (p.clone(), g, zeros(), codes, 1e-2, 0.9, 0.0, 0.0, False, True, "gradient", False),
         "masked_adamw_step_": (p.clone(), g, words, offsets, zeros(active), zeros(active), 1.0, 1e-3,
                                0.9, 0.999, 1e-8, 0.01),
-        "cpl_adam_step_multi_": ([p.clone(), g.clone()], [g, p], [zeros(), zeros()], [zeros(), zeros()],
-                                 [codes, None], torch.tensor(2.0, device=device),
-                                 torch.tensor(1e-3, device=device), 0.9, 0.999, 1e-8, 0.01, True,
-                                 "gradient", True),
-        "cpl_sgd_step_multi_": ([p.clone(), g.clone()], [g, p], [zeros(), zeros()], [None, codes],
-                                torch.tensor(1e-2, device=device), 0.9, 0.0, 0.0, True, False,
-                                "update", True),
     }
 
 

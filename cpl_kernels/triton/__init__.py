@@ -1,14 +1,13 @@
-"""Triton kernels for every cpl:: op, with the reference functions' names and positional args.
+"""Triton kernels for the cpl:: ops, with the reference functions' names and positional args.
+
+The step engine (cpl::cpl_step_) is step.py + directions.py, called by cpl_kernels/engine.py.
 
 cpl_kernels.ops imports this package lazily (only when the Triton backend serves a call), so a
 missing triton raises ImportError here and never breaks `import cpl_kernels`.
 On CPU the kernels run under TRITON_INTERPRET=1 (the tests do this with small shapes).
 """
-from .adam import cpl_adam_step_
 from .masked import masked_adamw_step_
 from .pack import pack_signs_
-from .sgd import cpl_sgd_step_
 from .stats import contribution_stats, contribution_stats_codes
 
-__all__ = ["pack_signs_", "contribution_stats", "contribution_stats_codes", "cpl_adam_step_",
-           "cpl_sgd_step_", "masked_adamw_step_"]
+__all__ = ["pack_signs_", "contribution_stats", "contribution_stats_codes", "masked_adamw_step_"]

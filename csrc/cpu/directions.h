@@ -21,7 +21,8 @@
 // Arithmetic is one correctly rounded fp32 operation at a time, no FMA (simd.h), written in the
 // reference's order: `a * b + c * d` is add(mul(a, b), mul(c, d)), `a * b * c` is mul(mul(a, b), c).
 // Variants (decay on/off, momentum mode) are template parameters, so the loop carries no flag
-// tests (sgd_step.cpp measured a runtime decay test at 22 ms vs 9 ms for 16M fp32 with codes).
+// tests (the pre-engine SGD kernel measured a runtime decay test at 22 ms vs 9 ms for 16M fp32
+// with codes).
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -136,7 +137,7 @@ struct SgdDirection {
       return g;
     } else {
       // A bit select, not a ternary: GCC turned `init_buffer ? g : ...` into a branch and left the
-      // loop scalar (sgd_step.cpp: 28 ms vs 13 ms for 16M fp32 with codes).
+      // loop scalar (the pre-engine SGD kernel: 28 ms vs 13 ms for 16M fp32 with codes).
       buf = select_bits(s.init_buffer, g, buf * s.momentum + s.one_minus_dampening * g);
       if constexpr (kMom == kNesterov) return g + s.momentum * buf;
       return buf;

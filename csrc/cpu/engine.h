@@ -11,7 +11,7 @@
 //   7. store the state (the old values where g was not finite) and p - lr*u where applied
 // Counts per tensor: conflicting (non-finite elements excluded) and non-finite.
 //
-// Written like adam_kernel.h so GCC vectorises it: no branches on data (keep_unless and
+// Written so GCC vectorises it (simd.h): no branches on data (keep_unless and
 // select_bits are bit masks; the non-finite test is one subtract and compare: g - g == 0 is false
 // for NaN and inf), the rule, skip and scale as template flags, signs expanded from the 2-bit codes through
 // simd.h's table for a batch of 64 words (1024 lanes) before one long `omp simd` loop, and each
@@ -24,7 +24,7 @@
 // segments are packed into tasks of about kGrainElements, and one parallel region runs the tasks,
 // each thread taking the next task from a shared counter.
 // A Llama model's norm vectors (512 elements) thus share a task with their neighbours instead of
-// paying a parallel region each (multi_tensor.cpp's per-tensor loop measured ~0.06 ms a tensor of
+// paying a parallel region each (the pre-engine per-tensor loop measured ~0.06 ms a tensor of
 // per-call overhead on a 21-tensor model).
 #pragma once
 

@@ -19,28 +19,10 @@ std::tuple<at::Tensor, at::Tensor> contribution_stats(const at::Tensor& a, const
                                                       const std::optional<at::Tensor>& mask_out);
 std::tuple<at::Tensor, at::Tensor> contribution_stats_codes(const at::Tensor& a, const at::Tensor& codes,
                                                             const std::optional<at::Tensor>& mask_out);
-at::Tensor cpl_adam_step_(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
-                          const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& codes,
-                          double step, double lr, double beta1, double beta2, double eps,
-                          double weight_decay, bool decoupled, c10::string_view criterion, bool strict);
-at::Tensor cpl_sgd_step_(const at::Tensor& param, const at::Tensor& grad,
-                         const std::optional<at::Tensor>& momentum_buffer,
-                         const std::optional<at::Tensor>& codes, double lr, double momentum,
-                         double dampening, double weight_decay, bool nesterov, bool init_buffer,
-                         c10::string_view criterion, bool strict);
 void masked_adamw_step_(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& mask_words,
                         const at::Tensor& block_offsets, const at::Tensor& exp_avg,
                         const at::Tensor& exp_avg_sq, double step, double lr, double beta1,
                         double beta2, double eps, double weight_decay);
-at::Tensor cpl_adam_step_multi_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                                at::TensorList exp_avg_sqs, const c10::List<std::optional<at::Tensor>>& codes,
-                                const at::Tensor& step, const at::Tensor& lr, double beta1, double beta2,
-                                double eps, double weight_decay, bool decoupled,
-                                c10::string_view criterion, bool strict);
-at::Tensor cpl_sgd_step_multi_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                               const c10::List<std::optional<at::Tensor>>& codes, const at::Tensor& lr,
-                               double momentum, double dampening, double weight_decay, bool nesterov,
-                               bool init_buffer, c10::string_view criterion, bool strict);
 }  // namespace cpu
 }  // namespace cpl
 

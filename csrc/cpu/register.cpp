@@ -8,9 +8,5 @@ TORCH_LIBRARY_IMPL(cpl, CPU, m) {
   m.impl("pack_signs_", &cpl::cpu::pack_signs_);
   m.impl("contribution_stats", &cpl::cpu::contribution_stats);
   m.impl("contribution_stats_codes", &cpl::cpu::contribution_stats_codes);
-  m.impl("cpl_adam_step_", &cpl::cpu::cpl_adam_step_);
-  m.impl("cpl_sgd_step_", &cpl::cpu::cpl_sgd_step_);
   m.impl("masked_adamw_step_", &cpl::cpu::masked_adamw_step_);
-  m.impl("cpl_adam_step_multi_", &cpl::cpu::cpl_adam_step_multi_);
-  m.impl("cpl_sgd_step_multi_", &cpl::cpu::cpl_sgd_step_multi_);
 }

@@ -7,7 +7,7 @@
 // Measured on a 2-core AMD EPYC (AVX2, no AVX-512), 16M fp32, CPL AdamW step with codes:
 // the original per-element lambda (scalar: branches on random sign codes) 775 ms; the
 // branch-free baseline build ~60 ms; the AVX2 build reaches the memory-bandwidth limit
-// (see the numbers in adam_step.cpp and benchmarks/results/).
+// (benchmarks/results/; the step engine, engine.h, is written the same way).
 // AVX-512 is not compiled in: no machine here can test it, and the AVX2 path is already
 // bound by memory bandwidth, where wider vectors buy nothing.
 #pragma once

@@ -31,45 +31,11 @@ struct StatsParams {
   double* sums;                // [pos_sum, neg_sum], zeroed by the caller; kernels add
 };
 
-// Scalars of one Adam/AdamW step, fp32 as the reference applies them.
+// Scalars of one compact-state AdamW step, fp32 as the reference applies them.
 struct AdamHyper {
   float lr, beta1, beta2, eps, weight_decay;
   float one_minus_beta1, one_minus_beta2;  // computed in double, then rounded (as torch's alpha)
   float bias_correction1, bias_correction2_sqrt;  // 1 - beta1^t, sqrt(1 - beta2^t) (host, double)
-  bool decoupled;
-  Criterion criterion;
-  bool strict;
-};
-
-struct AdamParams {
-  void* param;
-  const void* grad;
-  float* exp_avg;
-  float* exp_avg_sq;
-  const int32_t* codes;  // null: no reference, every element collaborative
-  DType dtype;
-  int64_t numel;
-  AdamHyper hyper;
-  unsigned long long* conflicting;  // one counter, zeroed by the caller
-};
-
-struct SgdHyper {
-  float lr, momentum, weight_decay;
-  float one_minus_dampening;  // computed in double, then rounded (as torch's alpha)
-  bool nesterov, init_buffer;
-  Criterion criterion;
-  bool strict;
-};
-
-struct SgdParams {
-  void* param;
-  const void* grad;
-  float* momentum_buffer;  // null when momentum == 0
-  const int32_t* codes;
-  DType dtype;
-  int64_t numel;
-  SgdHyper hyper;
-  unsigned long long* conflicting;
 };
 
 struct MaskedAdamWParams {
@@ -82,7 +48,7 @@ struct MaskedAdamWParams {
   int64_t state_len;             // entries of exp_avg and exp_avg_sq
   DType dtype;
   int64_t numel;
-  AdamHyper hyper;  // decoupled decay always applied; criterion/strict unused
+  AdamHyper hyper;  // decoupled decay always applied
   // Device word written by launch_masked_adamw_validate and read first by the step kernel:
   // kMaskedStateOk, or the code of the first violation of the compact-state invariant.
   unsigned long long* error;
@@ -93,59 +59,16 @@ struct MaskedAdamWParams {
 // block's popcount != state_len.
 constexpr unsigned long long kMaskedStateOk = ~0ull;
 
-// Many tensors of one dtype. The arrays are host arrays of length num_tensors; the launch
-// function packs them into by-value kernel tables (no host-to-device copy, so the launches can
-// be captured in a CUDA graph), as many launches as the tables need.
-struct AdamMultiParams {
-  int64_t num_tensors;
-  void* const* params;
-  const void* const* grads;
-  float* const* exp_avgs;
-  float* const* exp_avg_sqs;
-  const int32_t* const* codes;  // entries may be null
-  const int64_t* numels;
-  const int64_t* count_slots;   // index into counts for each tensor
-  DType dtype;
-  const double* step;  // device scalar: the step count t (already incremented)
-  const double* lr;    // device scalar
-  double beta1, beta2, eps, weight_decay;
-  bool decoupled;
-  Criterion criterion;
-  bool strict;
-  unsigned long long* counts;  // device, zeroed by the caller
-};
-
-struct SgdMultiParams {
-  int64_t num_tensors;
-  void* const* params;
-  const void* const* grads;
-  float* const* momentum_buffers;  // all null when momentum == 0
-  const int32_t* const* codes;
-  const int64_t* numels;
-  const int64_t* count_slots;
-  DType dtype;
-  const double* lr;  // device scalar
-  float momentum, one_minus_dampening, weight_decay;
-  bool nesterov, init_buffer;
-  Criterion criterion;
-  bool strict;
-  unsigned long long* counts;
-};
-
 cudaError_t launch_pack_signs(const PackSignsParams& p, cudaStream_t stream);
 cudaError_t launch_contribution_stats(const StatsParams& p, cudaStream_t stream);
-cudaError_t launch_cpl_adam_step(const AdamParams& p, cudaStream_t stream);
-cudaError_t launch_cpl_sgd_step(const SgdParams& p, cudaStream_t stream);
 // Sets *p.error (no host sync): launch it before launch_masked_adamw_step on the same stream.
 cudaError_t launch_masked_adamw_validate(const MaskedAdamWParams& p, cudaStream_t stream);
 cudaError_t launch_masked_adamw_step(const MaskedAdamWParams& p, cudaStream_t stream);
-cudaError_t launch_cpl_adam_step_multi(const AdamMultiParams& p, cudaStream_t stream);
-cudaError_t launch_cpl_sgd_step_multi(const SgdMultiParams& p, cudaStream_t stream);
 
 // ---- the step engine (cpl::cpl_step_; engine.cuh, directions.cuh, step_engine.cu) ----------
 
 // One dtype group of one cpl_step_ call. Arrays are host arrays of length num_tensors (packed
-// into by-value tensor tables, as the multi-tensor ops above); every scalar the kernels need at
+// into by-value tensor tables, tensor_table.cuh); every scalar the kernels need at
 // run time is a device pointer, so the launches are CUDA-graph capturable.
 struct StepParams {
   const char* kind;      // a name of cpl_kernels/kinds.py (step_kind_num_hyper(kind) >= 0)

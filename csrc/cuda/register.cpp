@@ -70,7 +70,7 @@ void check_param_grad(const Tensor& param, const Tensor& grad, const char* op) {
 }
 
 cpl_cuda::AdamHyper adam_hyper(double step, double lr, double beta1, double beta2, double eps,
-                               double weight_decay, bool decoupled, cpl_cuda::Criterion criterion, bool strict) {
+                               double weight_decay) {
   cpl_cuda::AdamHyper h;
   h.lr = static_cast<float>(lr);
   h.beta1 = static_cast<float>(beta1);
@@ -82,9 +82,6 @@ cpl_cuda::AdamHyper adam_hyper(double step, double lr, double beta1, double beta
   // In double, as the reference computes them in Python, then rounded once.
   h.bias_correction1 = static_cast<float>(1.0 - std::pow(beta1, step));
   h.bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step)));
-  h.decoupled = decoupled;
-  h.criterion = criterion;
-  h.strict = strict;
   return h;
 }
 
@@ -130,64 +127,6 @@ std::tuple<Tensor, Tensor> contribution_stats_codes_cuda(const Tensor& a, const 
   return stats_cuda(a, nullptr, &codes, mask_out, "contribution_stats_codes");
 }
 
-Tensor cpl_adam_step_cuda(const Tensor& param, const Tensor& grad, const Tensor& exp_avg, const Tensor& exp_avg_sq,
-                          const std::optional<Tensor>& codes, double step, double lr, double beta1, double beta2,
-                          double eps, double weight_decay, bool decoupled, c10::string_view criterion, bool strict) {
-  const char* op = "cpl_adam_step_";
-  check_param_grad(param, grad, op);
-  const int64_t n = param.numel();
-  check_tensor(exp_avg, param, op, "exp_avg", at::kFloat, n);
-  check_tensor(exp_avg_sq, param, op, "exp_avg_sq", at::kFloat, n);
-  if (codes) check_tensor(*codes, param, op, "codes", at::kInt, code_words(n));
-  TORCH_CHECK(step >= 1, "cpl.", op, ": argument 'step' counts from 1, got ", step);  // as the CPU op
-  const c10::cuda::CUDAGuard guard(param.device());
-  Tensor conflicting = at::zeros({}, param.options().dtype(at::kLong));
-  cpl_cuda::AdamParams p;
-  p.param = param.data_ptr();
-  p.grad = grad.data_ptr();
-  p.exp_avg = exp_avg.data_ptr<float>();
-  p.exp_avg_sq = exp_avg_sq.data_ptr<float>();
-  p.codes = codes ? codes->data_ptr<int32_t>() : nullptr;
-  p.dtype = param_dtype(param, op, "param");
-  p.numel = n;
-  p.hyper = adam_hyper(step, lr, beta1, beta2, eps, weight_decay, decoupled, parse_criterion(criterion, op), strict);
-  p.conflicting = reinterpret_cast<unsigned long long*>(conflicting.data_ptr<int64_t>());
-  check_launch(cpl_cuda::launch_cpl_adam_step(p, c10::cuda::getCurrentCUDAStream()), op);
-  return conflicting;
-}
-
-Tensor cpl_sgd_step_cuda(const Tensor& param, const Tensor& grad, const std::optional<Tensor>& momentum_buffer,
-                         const std::optional<Tensor>& codes, double lr, double momentum, double dampening,
-                         double weight_decay, bool nesterov, bool init_buffer, c10::string_view criterion, bool strict) {
-  const char* op = "cpl_sgd_step_";
-  check_param_grad(param, grad, op);
-  const int64_t n = param.numel();
-  TORCH_CHECK(momentum == 0.0 || momentum_buffer.has_value(), "cpl.", op,
-              ": argument 'momentum_buffer' is required when momentum != 0");
-  if (momentum != 0.0) check_tensor(*momentum_buffer, param, op, "momentum_buffer", at::kFloat, n);
-  if (codes) check_tensor(*codes, param, op, "codes", at::kInt, code_words(n));
-  const c10::cuda::CUDAGuard guard(param.device());
-  Tensor conflicting = at::zeros({}, param.options().dtype(at::kLong));
-  cpl_cuda::SgdParams p;
-  p.param = param.data_ptr();
-  p.grad = grad.data_ptr();
-  p.momentum_buffer = momentum != 0.0 ? momentum_buffer->data_ptr<float>() : nullptr;
-  p.codes = codes ? codes->data_ptr<int32_t>() : nullptr;
-  p.dtype = param_dtype(param, op, "param");
-  p.numel = n;
-  p.hyper.lr = static_cast<float>(lr);
-  p.hyper.momentum = static_cast<float>(momentum);
-  p.hyper.one_minus_dampening = static_cast<float>(1.0 - dampening);
-  p.hyper.weight_decay = static_cast<float>(weight_decay);
-  p.hyper.nesterov = nesterov;
-  p.hyper.init_buffer = init_buffer;
-  p.hyper.criterion = parse_criterion(criterion, op);
-  p.hyper.strict = strict;
-  p.conflicting = reinterpret_cast<unsigned long long*>(conflicting.data_ptr<int64_t>());
-  check_launch(cpl_cuda::launch_cpl_sgd_step(p, c10::cuda::getCurrentCUDAStream()), op);
-  return conflicting;
-}
-
 void masked_adamw_step_cuda(const Tensor& param, const Tensor& grad, const Tensor& mask, const Tensor& block_offsets,
                             const Tensor& exp_avg, const Tensor& exp_avg_sq, double step, double lr, double beta1,
                             double beta2, double eps, double weight_decay) {
@@ -217,7 +156,7 @@ void masked_adamw_step_cuda(const Tensor& param, const Tensor& grad, const Tenso
   p.state_len = state_len;
   p.dtype = param_dtype(param, op, "param");
   p.numel = n;
-  p.hyper = adam_hyper(step, lr, beta1, beta2, eps, weight_decay, true, cpl_cuda::Criterion::kUpdate, true);
+  p.hyper = adam_hyper(step, lr, beta1, beta2, eps, weight_decay);
   p.error = reinterpret_cast<unsigned long long*>(error.data_ptr<int64_t>());
   // Validate, then step: the step kernel reads the error word first and writes nothing when it is
   // set, so a bad compact state leaves param, exp_avg and exp_avg_sq untouched.
@@ -239,7 +178,7 @@ void masked_adamw_step_cuda(const Tensor& param, const Tensor& grad, const Tenso
   }
 }
 
-// ---- multi-tensor ---------------------------------------------------------------------------
+// ---- list ops: validation and dtype groups -----------------------------------------------
 
 // Host-side columns of one dtype group; pointers stay valid while the caller's tensors live.
 struct Group {
@@ -304,90 +243,6 @@ std::vector<Group> group_by_dtype(at::TensorList params, at::TensorList grads, a
     g.slots.push_back(i);
   }
   return groups;
-}
-
-Tensor cpl_adam_step_multi_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                                at::TensorList exp_avg_sqs, const c10::List<std::optional<Tensor>>& codes,
-                                const Tensor& step, const Tensor& lr, double beta1, double beta2, double eps,
-                                double weight_decay, bool decoupled, c10::string_view criterion, bool strict) {
-  const char* op = "cpl_adam_step_multi_";
-  TORCH_CHECK(!params.empty(), "cpl.", op, ": 'params' is empty");
-  TORCH_CHECK(exp_avgs.size() == params.size() && exp_avg_sqs.size() == params.size(), "cpl.", op,
-              ": 'exp_avgs' and 'exp_avg_sqs' need one tensor per param");
-  const Tensor& first = params[0];
-  const c10::cuda::CUDAGuard guard(first.device());
-  const Tensor step_d = device_scalar(step, first, op, "step");
-  const Tensor lr_d = device_scalar(lr, first, op, "lr");
-  const auto crit = parse_criterion(criterion, op);
-  std::vector<Group> groups = group_by_dtype(params, grads, exp_avgs, "exp_avgs", exp_avg_sqs, "exp_avg_sqs", codes, op);
-  Tensor counts = at::zeros({static_cast<int64_t>(params.size())}, first.options().dtype(at::kLong));
-  for (int d = 0; d < 3; ++d) {
-    Group& g = groups[d];
-    if (g.params.empty()) continue;
-    cpl_cuda::AdamMultiParams p;
-    p.num_tensors = static_cast<int64_t>(g.params.size());
-    p.params = g.params.data();
-    p.grads = g.grads.data();
-    p.exp_avgs = g.state1.data();
-    p.exp_avg_sqs = g.state2.data();
-    p.codes = g.codes.data();
-    p.numels = g.numels.data();
-    p.count_slots = g.slots.data();
-    p.dtype = static_cast<cpl_cuda::DType>(d);
-    p.step = step_d.data_ptr<double>();
-    p.lr = lr_d.data_ptr<double>();
-    p.beta1 = beta1;
-    p.beta2 = beta2;
-    p.eps = eps;
-    p.weight_decay = weight_decay;
-    p.decoupled = decoupled;
-    p.criterion = crit;
-    p.strict = strict;
-    p.counts = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
-    check_launch(cpl_cuda::launch_cpl_adam_step_multi(p, c10::cuda::getCurrentCUDAStream()), op);
-  }
-  return counts;
-}
-
-Tensor cpl_sgd_step_multi_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                               const c10::List<std::optional<Tensor>>& codes, const Tensor& lr, double momentum,
-                               double dampening, double weight_decay, bool nesterov, bool init_buffer,
-                               c10::string_view criterion, bool strict) {
-  const char* op = "cpl_sgd_step_multi_";
-  TORCH_CHECK(!params.empty(), "cpl.", op, ": 'params' is empty");
-  TORCH_CHECK(momentum == 0.0 || momentum_buffers.size() == params.size(), "cpl.", op,
-              ": 'momentum_buffers' needs one tensor per param when momentum != 0");
-  const Tensor& first = params[0];
-  const c10::cuda::CUDAGuard guard(first.device());
-  const Tensor lr_d = device_scalar(lr, first, op, "lr");
-  const auto crit = parse_criterion(criterion, op);
-  std::vector<Group> groups = group_by_dtype(params, grads, momentum != 0.0 ? momentum_buffers : at::TensorList(),
-                                             "momentum_buffers", at::TensorList(), "", codes, op);
-  Tensor counts = at::zeros({static_cast<int64_t>(params.size())}, first.options().dtype(at::kLong));
-  for (int d = 0; d < 3; ++d) {
-    Group& g = groups[d];
-    if (g.params.empty()) continue;
-    cpl_cuda::SgdMultiParams p;
-    p.num_tensors = static_cast<int64_t>(g.params.size());
-    p.params = g.params.data();
-    p.grads = g.grads.data();
-    p.momentum_buffers = momentum != 0.0 ? g.state1.data() : nullptr;
-    p.codes = g.codes.data();
-    p.numels = g.numels.data();
-    p.count_slots = g.slots.data();
-    p.dtype = static_cast<cpl_cuda::DType>(d);
-    p.lr = lr_d.data_ptr<double>();
-    p.momentum = static_cast<float>(momentum);
-    p.one_minus_dampening = static_cast<float>(1.0 - dampening);
-    p.weight_decay = static_cast<float>(weight_decay);
-    p.nesterov = nesterov;
-    p.init_buffer = init_buffer;
-    p.criterion = crit;
-    p.strict = strict;
-    p.counts = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
-    check_launch(cpl_cuda::launch_cpl_sgd_step_multi(p, c10::cuda::getCurrentCUDAStream()), op);
-  }
-  return counts;
 }
 
 // ---- the step engine ------------------------------------------------------------------------
@@ -478,10 +333,6 @@ TORCH_LIBRARY_IMPL(cpl, CUDA, m) {
   m.impl("pack_signs_", &pack_signs_cuda);
   m.impl("contribution_stats", &contribution_stats_cuda);
   m.impl("contribution_stats_codes", &contribution_stats_codes_cuda);
-  m.impl("cpl_adam_step_", &cpl_adam_step_cuda);
-  m.impl("cpl_sgd_step_", &cpl_sgd_step_cuda);
   m.impl("masked_adamw_step_", &masked_adamw_step_cuda);
-  m.impl("cpl_adam_step_multi_", &cpl_adam_step_multi_cuda);
-  m.impl("cpl_sgd_step_multi_", &cpl_sgd_step_multi_cuda);
   m.impl("cpl_step_", &cpl_step_cuda);
 }

@@ -1,5 +1,4 @@
-// Tensor tables of the multi-tensor launches (multi_tensor.cu's cpl_*_step_multi_ and the step
-// engine, step_engine.cu): one launch covers up to kMaxTensors tensors / kMaxChunkBlocks chunks
+// Tensor tables of the step engine's launches (step_engine.cu): one launch covers up to kMaxTensors tensors / kMaxChunkBlocks chunks
 // of one dtype, as torch's fused optimizers do (multi_tensor_apply). The table is a by-value
 // kernel argument (under the 4 KiB parameter limit), not a host-to-device copy, so the launches
 // can be captured in a CUDA graph. Block b works on chunk block_chunk[b] (kChunk elements) of
