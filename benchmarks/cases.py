@@ -13,7 +13,8 @@ move, not what an implementation happens to move):
                         active element (measured from the mask), f = active fraction; p read and
                         written and g read by whole lines, compact m, v, the mask bits and offsets
   pack_signs_ (fp32)    4.25   read src, write codes
-  contribution_stats    8.125  read a, b, write the mask (codes variant: 4 + 0.25 + 0.125)
+  contribution_stats    8.125  read a, b (fp32), write the 1-bit mask; bf16 a, b: 4.125;
+                        codes variant: read a, the 2-bit codes, write the mask, 4 + 0.25 + 0.125 = 4.375
 State bytes per parameter come from each optimizer's own state tensors (state_bytes()).
 """
 from __future__ import annotations
@@ -145,11 +146,15 @@ def pack_stats_cases(base, refs) -> list[Case]:
     n = a.numel()
     codes = ops.pack_signs_(b)
     mask = ops.empty_mask(a)
+    a16, b16 = a.bfloat16(), b.bfloat16()
     return [
         Case("pack_signs_ (fp32 -> 2-bit codes)", "ops", lambda: ops.pack_signs_(a, codes), 4.25, None, n),
-        Case("contribution_stats(a, b, mask)", "ops", lambda: ops.contribution_stats(a, b, mask), 8.125, None, n),
+        Case("contribution_stats(a, b, mask)", "ops", lambda: ops.contribution_stats(a, b, mask), 8.125, None, n,
+             note="fp32; target >= 60% of the in-place bandwidth"),
         Case("contribution_stats_codes(a, codes, mask)", "ops",
-             lambda: ops.contribution_stats_codes(a, codes, mask), 4.375, None, n),
+             lambda: ops.contribution_stats_codes(a, codes, mask), 4.375, None, n, note="fp32 a, 2-bit codes"),
+        Case("contribution_stats(a, b, mask) bf16", "ops", lambda: ops.contribution_stats(a16, b16, mask), 4.125,
+             None, n, note="bf16 a, b"),
     ]
 
 
