@@ -229,9 +229,9 @@ class MaskedAdamW(StateOptimizer):
             return super().load_state_dict(state_dict)  # the base names the size mismatch
         id_map = dict(zip(ids, params))
         raw = {k: dict(v) for k, v in sd.get(RAW_KEY, {}).items()}
-        state = dict(sd.get("state", {}))
+        state = _merge_dcp_strings(dict(sd.get("state", {})), id_map)
         mine = _shard_state.rank_key()
-        for idx, st in sd.get("state", {}).items():
+        for idx, st in list(state.items()):
             if not isinstance(st, Mapping) or idx not in id_map:
                 continue
             p, name = id_map[idx], self.param_name(id_map[idx])
@@ -289,3 +289,19 @@ class MaskedAdamW(StateOptimizer):
                 raise ValueError(f"{owner}: {key} of parameter {name} has {got} but its mask has {k} "
                                  "active elements (MaskedAdamW keeps one per active element)")
             floats[key] = value.reshape(-1).contiguous()
+
+
+def _merge_dcp_strings(state: dict, id_map: dict) -> dict:
+    """torch.distributed.checkpoint.load writes a non-tensor value (our per-rank bytes) back
+    through the string form of each key on its path, so a state_dict keyed by parameter ids (0,
+    1, ...) gets its loaded blobs under "0", "1", ... beside the template's stale ones, which
+    it does not replace (tensors it copies in place). Those string entries are what was loaded:
+    they take the place of the template's. (torch's get/set_optimizer_state_dict key the state
+    by parameter name and need none of this.)"""
+    ids = {str(i): i for i in id_map if not isinstance(i, str)}
+    for key in [k for k in state if isinstance(k, str) and k in ids]:
+        loaded = state[key]
+        if isinstance(loaded, Mapping) and loaded and all(_shard_state.is_shard_key(k) for k in loaded):
+            del state[key]
+            state[ids[key]] = {**state.get(ids[key], {}), **loaded}
+    return state
