@@ -206,3 +206,13 @@ def test_a_parameter_added_later_gets_its_mask_from_update_masks():
     opt.step()
     assert torch.equal(b.detach()[~mask], before[~mask]) and not torch.equal(b.detach()[mask], before[mask])
     assert opt.active_counts() == [10, 4]
+
+
+@pytest.mark.parametrize("n", [0, 1, 31, 32, 33, 1000, 2047, 2048, 2049, 4096 + 37])
+def test_pack_and_unpack_equal_the_reference_across_chunks(n):
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.5
+    words = _mask_state.pack_bool(mask)
+    assert torch.equal(words, ref.pack_mask(mask) if n else torch.zeros(0, dtype=torch.int32))
+    assert torch.equal(_mask_state.unpack_chunk(words, n), mask)
+    assert torch.equal(_mask_state.pack_bool(mask[1:]), ref.pack_mask(mask[1:]) if n > 1 else
+                       torch.zeros(ref.num_mask_words(max(n - 1, 0)), dtype=torch.int32))  # odd offset
