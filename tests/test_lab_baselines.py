@@ -150,3 +150,33 @@ def test_cpl_ref_every_rebuilds_the_reference_every_n_steps(lab, monkeypatch):
     finally:
         lab.cfg.ref_every = 1
     assert len(calls) == 3  # steps 0, 3 and 6
+
+
+def test_cpl_masked_epoch_recomputes_the_mask_at_each_later_epoch(lab):
+    import cpl_kernels
+    from cpl_kernels import reference as ref
+    from cpl_lab.methods.static import mean_grads
+
+    method = make(lab, "cpl-masked-epoch")
+    params, bs = method.params, lab.cfg.ref_batch
+
+    def cpl_mask_now():
+        return cpl_kernels.cpl_masks_once(mean_grads(method.model, params, lab.inject, bs),
+                                          mean_grads(method.model, params, lab.mastered_in, bs))
+
+    def words():
+        return [method.opt.state[p]["mask_words"].clone() for p in params]
+
+    first = cpl_mask_now()
+    assert all(torch.equal(w, ref.pack_mask(m)) for w, m in zip(words(), first))
+    method.start_epoch(1)  # the constructor's masks are those of these weights: kept
+    assert all(torch.equal(w, ref.pack_mask(m)) for w, m in zip(words(), first))
+    for i in range(4):
+        method.step(lab.inject.rows(range(4 * i, 4 * i + 4)))
+    steps = [float(method.opt.state[p]["step"]) for p in params]
+    method.start_epoch(2)
+    again = cpl_mask_now()
+    assert any(not torch.equal(a, b) for a, b in zip(first, again))  # the weights moved, the mask too
+    assert all(torch.equal(w, ref.pack_mask(m)) for w, m in zip(words(), again))
+    assert [float(method.opt.state[p]["step"]) for p in params] == steps
+    assert method.fraction == pytest.approx(1 - sum(int(m.sum()) for m in again) / sum(m.numel() for m in again))

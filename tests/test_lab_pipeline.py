@@ -13,7 +13,7 @@ TINY = ["--entities", "8", "--relations", "3", "--hidden", "32", "--layers", "1"
         "--intermediate", "64", "--pretrain-lr", "1e-2", "--pretrain-max-epochs", "60",
         "--pretrain-target", "0.9", "--epochs", "2", "--batch-size", "8", "--ref-batch", "8",
         "--threads", "1", "--no-progress", "--lrs", "1e-3"]
-ALL = "ft,cpl,cpl-once,random,random-once,agem,replay,lora,ewc,surgery"
+ALL = "ft,cpl,cpl-once,cpl-masked-epoch,random,random-once,agem,replay,lora,ewc,surgery"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -59,7 +59,7 @@ def test_results_files(run, capsys):
             assert float(r["wall_s"]) > 0 and float(r["peak_mem_mb"]) > 0 and float(r["loss"]) > 0
     last = {c["method"]: c["rows"][-1] for c in cells}
     assert last["ft"]["frozen"] == 0.0
-    for m in ("cpl", "random", "cpl-once", "random-once"):
+    for m in ("cpl", "random", "cpl-once", "cpl-masked-epoch", "random-once"):
         assert 0.0 < last[m]["frozen"] < 1.0, m
     # random matches CPL's frozen fraction (same lr, seed), epoch by epoch
     assert abs(last["random"]["frozen"] - last["cpl"]["frozen"]) < 0.1
@@ -67,6 +67,7 @@ def test_results_files(run, capsys):
     assert last["cpl-once"]["frozen"] == pytest.approx(last["random-once"]["frozen"])
     # MaskedAdamW keeps state only for trained elements
     assert last["cpl-once"]["state_mb"] < last["ft"]["state_mb"]
+    assert last["cpl-masked-epoch"]["state_mb"] < last["ft"]["state_mb"]
     for name in ("curves_lr0.001.png", "sweep.png", "frontier.png"):
         assert (run / name).stat().st_size > 1000
     budget = {r["method"]: r for r in results["meta"]["budget"]}

@@ -101,13 +101,14 @@ def test_state_dict_round_trip_resumes_bit_exactly():
 def test_mask_errors_name_the_parameter():
     model = torch.nn.Linear(4, 3)
     with pytest.raises(ValueError, match=r"mask for parameter 'weight' has shape \(4, 3\).*\(3, 4\)"):
-        MaskedAdamW(model.named_parameters(), masks={"weight": torch.ones(4, 3, dtype=torch.bool)})
+        MaskedAdamW(model.named_parameters(), masks={"weight": torch.ones(4, 3, dtype=torch.bool)}, default="train")
     with pytest.raises(TypeError, match="'bias' must be a bool tensor"):
-        MaskedAdamW(model.named_parameters(), masks={"bias": torch.ones(3)})
+        MaskedAdamW(model.named_parameters(), masks={"bias": torch.ones(3)}, default="train")
     with pytest.raises(ValueError, match="got 1 masks for 2 parameters"):
         MaskedAdamW(model.parameters(), masks=[torch.ones(3, 4, dtype=torch.bool)])
-    opt = MaskedAdamW(model.named_parameters(), masks={"weight": torch.zeros(3, 4, dtype=torch.bool)})
-    assert opt.active_counts() == [0, 3]  # a parameter without a mask trains fully
+    with pytest.warns(UserWarning, match=r"1 of 2 parameters have no mask and are trained on all elements: \[\"'bias'\"\]"):
+        opt = MaskedAdamW(model.named_parameters(), masks={"weight": torch.zeros(3, 4, dtype=torch.bool)})
+    assert opt.active_counts() == [0, 3]  # a parameter without a mask trains fully, and says so
 
 
 def test_cpl_masks_once_and_random_masks():
@@ -124,3 +125,14 @@ def test_cpl_masks_once_and_random_masks():
     assert all(int(rnd[k].sum()) == int(masks[k].sum()) and rnd[k].shape == masks[k].shape for k in masks)
     assert not torch.equal(rnd["a"], masks["a"])
     assert torch.equal(random_masks_like(masks, seed=3)["a"], rnd["a"])  # deterministic
+
+
+def test_a_per_rank_checkpoint_into_whole_parameters_is_refused_by_name():
+    model = torch.nn.Linear(4, 3)
+    opt = MaskedAdamW(model.named_parameters(), masks=masks_for(list(model.parameters()), 0.5))
+    sd = opt.state_dict()
+    snap = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    sd["state"][0] = {"step": sd["state"][0]["step"], "cpl_shard_rank0": b"saved by an FSDP2 run"}
+    with pytest.raises(ValueError, match=r"per-rank \(FSDP2\) state \['cpl_shard_rank0'\] for parameter 'weight'"):
+        opt.load_state_dict(sd)
+    assert all(torch.equal(opt.state[model.weight][k], v) for k, v in snap.items())

@@ -371,7 +371,7 @@ class StateOptimizer(Optimizer):
             raws = {k: per_param[idx].to(local(p).device).reshape(-1).contiguous().clone()
                     for k, per_param in raw.items() if idx in per_param}
             self._check_param_state(p, name, floats, raws, has_step="step" in st)
-            installs[p] = {k: like_param(p, v) for k, v in floats.items()} | raws
+            installs[p] = {k: self._float_state_like(p, v) for k, v in floats.items()} | raws
         keep = [{k: g[k] for k in self.KEEP_GROUP_KEYS if k in g} for g in self.param_groups]
         sd["state"] = torch_state
         super().load_state_dict(sd)
@@ -386,6 +386,14 @@ class StateOptimizer(Optimizer):
             if not st:
                 del self.state[p]
         self._after_load()
+
+    def _float_state_like(self, p: Tensor, value: Tensor):
+        """fp32 state loaded for p as it is kept: sharded like p (a DTensor) for DTensor params."""
+        return like_param(p, value)
+
+    def _pack_state_dict(self, sd: dict) -> dict:
+        """Last touch to a state_dict (after the raw state is split out): identity by default."""
+        return sd
 
     def _check_group_kind(self, groups: list[dict]) -> None:
         """Refuses a checkpoint saved by an optimizer whose update rule differs (e.g. Adam vs
@@ -432,4 +440,4 @@ def _split_raw_state(optimizer: StateOptimizer, sd: dict) -> dict:
         sd[RAW_KEY] = raw
     ids = chain.from_iterable(g["params"] for g in sd["param_groups"])
     sd[SHAPES_KEY] = {i: list(p.shape) for i, p in zip(ids, optimizer._all_params())}
-    return sd
+    return optimizer._pack_state_dict(sd)

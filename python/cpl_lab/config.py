@@ -10,6 +10,7 @@ METHOD_HELP = {
     "ft": "plain fine-tuning on the injection set (torch.optim)",
     "cpl": "CPL optimizer, reference per step or per epoch (--reference), --criterion",
     "cpl-once": "CPL mask computed once at the start, MaskedAdamW (compact state)",
+    "cpl-masked-epoch": "CPL mask recomputed at every epoch start, MaskedAdamW.update_masks (compact state)",
     "random": "random mask re-drawn every step, frozen fraction matched to CPL's",
     "random-once": "random static mask with cpl-once's per-tensor sparsity, MaskedAdamW",
     "agem": "A-GEM: project the gradient when it conflicts with a mastered batch's",

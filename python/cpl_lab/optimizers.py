@@ -40,6 +40,6 @@ def masked(params, masks, lr: float, cfg: LabConfig):
     """MaskedAdamW (compact state) for a static mask. It is AdamW only: with "adam" the weight
     decay is zero, which is Adam; SGD has no compact-state counterpart in the library."""
     if cfg.optimizer not in ("adam", "adamw"):
-        raise ValueError(f"static-mask methods (cpl-once, random-once) use MaskedAdamW and need "
+        raise ValueError(f"mask methods (cpl-once, cpl-masked-epoch, random-once) use MaskedAdamW and need "
                          f"--optimizer adam or adamw, not {cfg.optimizer!r}")
     return cpl_kernels.MaskedAdamW(params, masks=masks, **_kwargs(cfg.optimizer, lr, cfg))

@@ -4,9 +4,10 @@ from .baselines import AGEM, FineTune, Replay
 from .cpl import CPL, RandomMask
 from .ewc import EWC
 from .lora import LoRA
+from .masked_epoch import CPLMaskedEpoch
 from .static import CPLOnce, RandomOnce
 from .surgery import Surgery
 
-REGISTRY = {cls.name: cls for cls in (FineTune, CPL, CPLOnce, RandomMask, RandomOnce, AGEM, Replay,
+REGISTRY = {cls.name: cls for cls in (FineTune, CPL, CPLOnce, CPLMaskedEpoch, RandomMask, RandomOnce, AGEM, Replay,
                                       LoRA, EWC, Surgery)}
 
