@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from cpl_kernels import ops, reference as ref
-from test_ops_steps import assert_close_to_reference
-from tolerances import PARAM_DTYPES, STATE_TOL, bitwise, shapes_for
+from tolerances import PARAM_DTYPES, STATE_TOL, assert_close_to_reference, bitwise, shapes_for
 
 
 def compact_state(n, active_fraction, seed, device):

@@ -39,3 +39,32 @@ def bitwise(device: str, backend: str) -> bool:
 def shapes_for(backend: str) -> list[int]:
     """The Triton interpreter is slow on CPU: small shapes only there."""
     return SMALL_SHAPES if backend == "triton" else SHAPES
+
+
+def assert_bitwise(actual, expected, msg):
+    actual = actual.cpu()
+    if not torch.equal(actual, expected):
+        differ = actual.float() != expected.float()
+        worst = (actual.float() - expected.float()).abs().max().item()
+        raise AssertionError(f"{msg}: {int(differ.sum())} of {differ.numel()} elements differ from the "
+                             f"reference (max |diff| {worst:.3g}); expected bitwise equality")
+
+
+def assert_close_to_reference(actual, same_dtype_ref, fp32_ref, dtype, msg, tol=None, exact=False):
+    """exact (tolerances.bitwise): equal bit for bit to the reference run in the same dtype.
+    Otherwise within the fp32 tolerance table of that run; or, for bf16/fp16 (docs/design.md
+    section 4), an error against the fp32 computation at most twice the error of that reference
+    run (PyTorch's own rounding error, which a 1-ulp tie difference can compound)."""
+    if exact:
+        assert actual.dtype == same_dtype_ref.dtype, msg
+        assert_bitwise(actual, same_dtype_ref, msg)
+        return
+    actual, same_dtype_ref, fp32_ref = (t.cpu().float() for t in (actual, same_dtype_ref, fp32_ref))
+    tol = tol or PARAM_TOL[torch.float32]
+    if dtype == torch.float32 or torch.allclose(actual, same_dtype_ref, **tol):
+        torch.testing.assert_close(actual, same_dtype_ref, **tol, msg=msg)
+        return
+    own_error = (same_dtype_ref - fp32_ref).abs().max().item()
+    kernel_error = (actual - fp32_ref).abs().max().item()
+    assert kernel_error <= 2 * own_error, f"{msg}: error {kernel_error} vs torch's own {own_error}"
+
