@@ -33,6 +33,14 @@ def build_reference(optimizer, model: torch.nn.Module, mastered_batches: Iterabl
     _check_optimizer(optimizer, named)
     _check_batches(mastered_batches)
     params = [p for _, p in named]
+    attached = getattr(optimizer, "_cpl_in_backward", None)
+    if attached is not None:  # steps in backward: the hooks pack (cpl_kernels.optim.in_backward)
+        # One batch: each hook packs its sign and frees the gradient; several: summed, then packed.
+        one = isinstance(mastered_batches, Sized) and len(mastered_batches) == 1
+        with attached.reference_pass(accumulate=not one):
+            used = _accumulate(model, mastered_batches, loss_fn, params, progress=progress)
+            _check_dense(named)
+        return used
     saved = [p.grad for p in params]
     for p in params:
         p.grad = None
