@@ -558,3 +558,39 @@ def test_masked_adamw_nonfinite_raise_names_the_parameter():
             loss_fn(model, INJECT[0]).backward()
     handle.remove()
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_backward_that_fails_outside_the_hooks_keeps_what_it_stepped():
+    """An error elsewhere in backward (here a hook on an activation) stops it after some
+    parameters stepped; the next backward is a step of its own (all parameters, fresh counts)."""
+    model = make_net()
+    opt = CPLAdamW(named(model), lr=0.05)
+    opt.clear_reference()
+    numel = sum(p.numel() for p in trainable(model))
+    with in_backward(opt):
+        before = {n: p.detach().clone() for n, p in named(model)}
+        x, y = INJECT[0]
+        h = torch.tanh(model.inp(x))
+        h = torch.tanh(h @ model.tied)
+        h.register_hook(lambda g: (_ for _ in ()).throw(ValueError("elsewhere")))
+        h = torch.tanh(h @ model.tied.t())
+        out = (h @ model.out_t.t()) * model.scale.float()
+        with pytest.raises(ValueError, match="elsewhere"):
+            ((out - y) ** 2).mean().backward()
+        params = dict(named(model))
+        assert not torch.equal(before["out_t"], params["out_t"])   # reached before the error
+        assert torch.equal(before["inp.weight"], params["inp.weight"])  # not reached
+        assert all(p.grad is None for p in model.parameters())
+        loss_fn(model, INJECT[1]).backward()
+        assert opt.stepped_counts == [numel]
+
+
+def test_parameters_that_do_not_require_grad_are_not_hooked():
+    model = make_net()
+    opt = CPLAdamW([p for p in model.parameters()], lr=0.05)  # includes the frozen one
+    opt.clear_reference()
+    with in_backward(opt):
+        loss_fn(model, INJECT[0]).backward()
+        model.frozen.requires_grad_(True)  # now it gets a gradient, which no hook would step
+        with pytest.raises(RuntimeError, match="no hook: it did not require grad"):
+            loss_fn(model, INJECT[0]).backward()

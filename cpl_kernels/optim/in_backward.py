@@ -87,12 +87,17 @@ class InBackward:
         self._group_of = {id(p): gi for gi, group in enumerate(optimizer.param_groups) for p in group["params"]}
         self._count = len(params)
         self._handles = []
+        self._hooked: set[int] = set()
         for p in params:
+            if not p.requires_grad:  # never gets a gradient; one set later is caught by _begin
+                continue
             self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+            self._hooked.add(id(p))
             if not _is_dtensor(p):  # FSDP2 writes sharded grads itself: no pre-hook fires there
                 self._handles.append(p.register_hook(self._pre_hook(p)))
         # per backward
         self._active = False
+        self._task = -1                # the autograd graph task of the backward in progress
         self._mode = "step"            # "step", "pack" (reference_pass) or "accumulate"
         self._frozen: list[list[Tensor]] = []
         self._stepped: list[int] = []
@@ -244,6 +249,11 @@ class InBackward:
                                "were attached (add_param_group after attaching?); detach() and attach again")
         if self._mode != "accumulate":
             held = [p for p in params if p is not current and p.grad is not None]
+            unhooked = [p for p in held if id(p) not in self._hooked]
+            if unhooked:
+                raise RuntimeError(f"in_backward: parameter {opt.param_name(unhooked[0])} has a gradient but no "
+                                   "hook: it did not require grad when the optimizer was attached. detach() "
+                                   "and attach again after changing requires_grad")
             if held:
                 raise RuntimeError(self._accumulation_error(held[0]))
         if self._mode == "pack":
@@ -273,8 +283,14 @@ class InBackward:
         if self._mode == "accumulate":
             return
         try:
+            task = torch._C._current_graph_task_id()
+            if self._active and task != -1 and task != self._task:
+                # The previous backward stopped outside these hooks (an error in another hook or
+                # Function), so its final callback never ran: what it stepped is its step.
+                self._end()
             if not self._active:
                 self._begin(p)
+                self._task = task
             with torch.no_grad():
                 if self._mode == "pack":
                     self._pack(p)
