@@ -135,8 +135,9 @@ class InBackward:
         """Removes the hooks: opt.step() steps again. Idempotent."""
         if not self.attached:
             return
-        if self._active:
+        if self._active and torch._C._current_graph_task_id() != -1:
             raise RuntimeError("in_backward.detach: called during a backward")
+        self._finish_pending()
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -201,8 +202,6 @@ class InBackward:
         self._pass_backwards, self._packed = 0, set()
         try:
             yield
-            if self._active:
-                raise RuntimeError("in_backward.reference_pass: the block exited during a backward")
             if accumulate:
                 opt.set_reference_from_grads(None)  # every param: its .grad, or None (no reference)
             else:

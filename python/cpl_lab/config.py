@@ -101,9 +101,8 @@ class LabConfig:
             raise ValueError("ewc_lambda must be >= 0")
         unsupported = [m for m in self.methods if m not in IN_BACKWARD_METHODS]
         if self.in_backward and unsupported:
-            raise ValueError(f"--in-backward steps {' and '.join(IN_BACKWARD_METHODS)} inside backward; "
-                             f"{', '.join(unsupported)} need(s) the whole gradient before stepping: run "
-                             "them without --in-backward")
+            raise ValueError(f"--in-backward steps {' and '.join(IN_BACKWARD_METHODS)} inside backward, "
+                             f"not {', '.join(unsupported)} (docs/lab.md): run them without --in-backward")
         return self
 
     def as_dict(self) -> dict:
