@@ -28,7 +28,12 @@ def build_reference(optimizer, model: torch.nn.Module, mastered_batches: Iterabl
     The mastered gradients themselves are freed. Returns the number of batches used.
 
     Every argument is checked before anything is written: on an error the optimizer's codes and the
-    parameters' .grad are exactly as before the call."""
+    parameters' .grad are exactly as before the call.
+
+    With the optimizer stepping inside backward (cpl_kernels.in_backward), the backward runs in its
+    reference_pass(): one sized batch is packed by the hooks as each gradient completes (no full
+    mastered gradient is ever held); several are accumulated and packed at the end. The result
+    is the same."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     _check_optimizer(optimizer, named)
     _check_batches(mastered_batches)
