@@ -10,6 +10,14 @@ malloc (torch has no caching allocator on CPU), so resident memory is what the s
 ru_maxrss cannot be reset and would include import-time and warm-up peaks, so it is only the
 fallback where clear_refs is not writable. The same import, model and data in every subprocess
 make the differences between optimizers meaningful; "extra" is the peak minus torch AdamW's.
+
+Cases (CASES): the reference is set once before the warm-up ("per epoch", as the paper) or rebuilt
+from the mastered batch inside every training step ("per step", the lab's recipe: the measured
+step then holds two backwards). "-bwd" cases step inside backward (cpl_kernels.in_backward): the
+per-step reference is packed by the hooks of the mastered backward and every parameter steps in
+the injection backward's hooks, freeing each gradient at once. After the measured step, `--steps`
+more training steps are timed (median); step time is reported as a ratio to AdamW's and, for a
+"-bwd" case, to the same optimizer and schedule stepping normally.
 """
 from __future__ import annotations
 
@@ -28,7 +36,19 @@ MODELS = {
     "llama-100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=10, num_attention_heads=12,
                        num_key_value_heads=12, vocab_size=16384, batch=2, seq=128),
 }
-OPTIMIZERS = ("adamw", "paper", "cpladamw")
+# case -> (optimizer, reference schedule, steps in backward)
+CASES = {
+    "adamw": ("adamw", None, False),
+    "paper": ("paper", "epoch", False),
+    "cpladamw": ("cpladamw", "epoch", False),
+    "cpladamw-bwd": ("cpladamw", "epoch", True),
+    "cpladamw-step-ref": ("cpladamw", "step", False),
+    "cpladamw-step-ref-bwd": ("cpladamw", "step", True),
+    "masked50": ("masked50", None, False),
+    "masked50-bwd": ("masked50", None, True),
+}
+OPTIMIZERS = tuple(CASES)  # the cases, by their historical name (benchmarks/report.py)
+TIMED_STEPS = 4
 
 
 def _rss_kib(field: str) -> int | None:
@@ -51,15 +71,19 @@ def _reset_peak() -> bool:
         return False
 
 
-def child(model_name: str, optimizer: str) -> dict:
+def child(model_name: str, case: str, timed_steps: int = TIMED_STEPS) -> dict:
     import resource
+    import statistics
+    import time
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from cpl_kernels.optim import CPLAdamW
+    from cpl_kernels import build_reference, in_backward
+    from cpl_kernels.optim import CPLAdamW, MaskedAdamW
     from .paper_style import PaperStyleCPLAdamW
 
+    optimizer, schedule, inside = CASES[case]
     torch.set_num_threads(2)
     torch.manual_seed(0)
     spec = dict(MODELS[model_name])
@@ -71,33 +95,52 @@ def child(model_name: str, optimizer: str) -> dict:
         opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     elif optimizer == "paper":
         opt = PaperStyleCPLAdamW(params, lr=1e-4)
+    elif optimizer == "masked50":
+        gen = torch.Generator().manual_seed(2)
+        opt = MaskedAdamW(params, masks=[torch.rand(p.shape, generator=gen) < 0.5 for p in params], lr=1e-4)
     else:
         opt = CPLAdamW(params, lr=1e-4)
     gen = torch.Generator().manual_seed(1)
     mastered = torch.randint(0, spec["vocab_size"], (batch, seq), generator=gen)
     inject = torch.randint(0, spec["vocab_size"], (batch, seq), generator=gen)
 
-    def train_step():
-        model(input_ids=inject, labels=inject).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def loss_fn(m, ids):
+        return m(input_ids=ids, labels=ids).loss
 
-    # The mastered backward runs for every optimizer, AdamW included, so the heaps have seen the
+    # The mastered backward runs for every case, AdamW included, so the heaps have seen the
     # same allocations (skipping it for AdamW made CPLAdamW look 50 MiB heavier on the 96M model).
-    model(input_ids=mastered, labels=mastered).loss.backward()
-    if optimizer != "adamw":  # the mastered reference, once (as the paper: per epoch)
+    loss_fn(model, mastered).backward()
+    if schedule == "epoch":  # the mastered reference, once (as the paper: per epoch)
         opt.set_reference() if optimizer == "paper" else opt.set_reference_from_grads()
+    elif optimizer == "cpladamw":
+        opt.clear_reference()  # rebuilt inside every step below
     opt.zero_grad(set_to_none=True)
+    attached = in_backward(opt) if inside else None
+
+    def train_step():
+        if schedule == "step":
+            build_reference(opt, model, [mastered], loss_fn)  # packs in the hooks when attached
+        loss_fn(model, inject).backward()
+        if attached is None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
     train_step()  # warm-up: optimizer state allocated
     before = _rss_kib("VmRSS")
     exact = _reset_peak()
     train_step()
     peak = _rss_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return dict(model=model_name, optimizer=optimizer, params=n, rss_before_mib=round(before / 1024, 1),
-                peak_mib=round(peak / 1024, 1), method="VmHWM after clear_refs" if exact else "ru_maxrss")
+    times = []
+    for _ in range(timed_steps):
+        t0 = time.perf_counter()
+        train_step()
+        times.append(time.perf_counter() - t0)
+    return dict(model=model_name, optimizer=case, params=n, rss_before_mib=round(before / 1024, 1),
+                peak_mib=round(peak / 1024, 1), step_ms=round(1e3 * statistics.median(times), 1) if times else None,
+                method="VmHWM after clear_refs" if exact else "ru_maxrss")
 
 
-def run_all(models=tuple(MODELS), optimizers=OPTIMIZERS, repeats: int = 3) -> list[dict]:
+def run_all(models=tuple(MODELS), optimizers=OPTIMIZERS, repeats: int = 3, timed_steps: int = TIMED_STEPS) -> list[dict]:
     rows = []
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for m in models:
@@ -105,30 +148,47 @@ def run_all(models=tuple(MODELS), optimizers=OPTIMIZERS, repeats: int = 3) -> li
             print(f"peak memory: {m} / {o} ...", flush=True)
             runs = []
             for _ in range(repeats):
-                out = subprocess.run([sys.executable, "-m", "benchmarks.peak_memory", "--child", m, o], cwd=root,
-                                     capture_output=True, text=True, check=True)
+                out = subprocess.run([sys.executable, "-m", "benchmarks.peak_memory", "--child", m, o,
+                                      "--steps", str(timed_steps)], cwd=root, capture_output=True, text=True,
+                                     check=True)
                 runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
             # The median run: one run's heap layout moves the 96M model's peak by +-15 MiB, as
             # much as CPLAdamW's codes (24 MiB) themselves.
             runs.sort(key=lambda r: r["peak_mib"])
             row = dict(runs[len(runs) // 2], repeats=repeats,
                        peak_spread_mib=round(runs[-1]["peak_mib"] - runs[0]["peak_mib"], 1))
+            steps = sorted(r["step_ms"] for r in runs if r.get("step_ms") is not None)
+            row["step_ms"] = steps[len(steps) // 2] if steps else None
             rows.append(row)
-        base = next(r for r in rows if r["model"] == m and r["optimizer"] == "adamw")
-        for r in rows:
-            if r["model"] == m:
+        mine = [r for r in rows if r["model"] == m]
+        base = next((r for r in mine if r["optimizer"] == "adamw"), None)
+        for r in mine:
+            if base is not None:
                 extra = r["peak_mib"] - base["peak_mib"]
                 r["extra_mib"] = round(extra, 1)
-                r["extra_b_per_param"] = round(extra * 2**20 / r["params"], 3)
+                r["extra_b_per_param"] = round(extra * 2**20 / r["params"], 2)
+                r["spread_b_per_param"] = round(r["peak_spread_mib"] * 2**20 / r["params"], 2)
+                r["time_vs_adamw"] = _ratio(r["step_ms"], base["step_ms"])
+            normal = next((q for q in mine if q["optimizer"] == r["optimizer"].removesuffix("-bwd")), None)
+            if r["optimizer"].endswith("-bwd") and normal is not None:
+                r["time_vs_normal"] = _ratio(r["step_ms"], normal["step_ms"])
+                r["peak_vs_normal_b_per_param"] = round((r["peak_mib"] - normal["peak_mib"]) * 2**20 / r["params"], 2)
     return rows
 
 
+def _ratio(a, b):
+    return round(a / b, 3) if a and b else None
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| model | params | optimizer | peak RSS MiB (step, median run) | spread MiB | extra vs torch AdamW MiB "
-             "| extra B/param |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | params | case | peak RSS MiB (step, median run) | spread MiB | extra vs torch AdamW MiB "
+             "| extra B/param (spread) | step ms | time vs AdamW | in backward vs normal: time, peak B/param |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        vs = (f"{r['time_vs_normal']}x, {r['peak_vs_normal_b_per_param']:+}" if "time_vs_normal" in r else "")
         lines.append(f"| {r['model']} | {r['params']:,} | {r['optimizer']} | {r['peak_mib']} | "
-                     f"{r.get('peak_spread_mib', '')} | {r['extra_mib']} | {r['extra_b_per_param']} |")
+                     f"{r.get('peak_spread_mib', '')} | {r.get('extra_mib', '')} | {r.get('extra_b_per_param', '')} "
+                     f"({r.get('spread_b_per_param', '')}) | {r.get('step_ms', '')} | {r.get('time_vs_adamw', '')} | {vs} |")
     return "\n".join(lines)
 
 
@@ -141,13 +201,25 @@ def write_csv(rows: list[dict], path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--child", nargs=2, metavar=("MODEL", "OPTIMIZER"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=2, metavar=("MODEL", "CASE"), help=argparse.SUPPRESS)
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
+    ap.add_argument("--repeats", type=int, default=3, help="fresh subprocesses per case (the median is kept)")
+    ap.add_argument("--steps", type=int, default=TIMED_STEPS, help="timed training steps per subprocess")
+    ap.add_argument("--csv", help="also write the rows to this CSV file")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child)))
+        print(json.dumps(child(*args.child, timed_steps=args.steps)))
         return
-    print(table(run_all(models=tuple(args.models.split(",")))))
+    cases = tuple(args.cases.split(","))
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        ap.error(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
+    rows = run_all(models=tuple(args.models.split(",")), optimizers=cases, repeats=args.repeats,
+                   timed_steps=args.steps)
+    if args.csv:
+        write_csv(rows, args.csv)
+    print(table(rows))
 
 
 if __name__ == "__main__":

@@ -28,11 +28,24 @@ def build_reference(optimizer, model: torch.nn.Module, mastered_batches: Iterabl
     The mastered gradients themselves are freed. Returns the number of batches used.
 
     Every argument is checked before anything is written: on an error the optimizer's codes and the
-    parameters' .grad are exactly as before the call."""
+    parameters' .grad are exactly as before the call.
+
+    With the optimizer stepping inside backward (cpl_kernels.in_backward), the backward runs in its
+    reference_pass(): one sized batch is packed by the hooks as each gradient completes (no full
+    mastered gradient is ever held); several are accumulated and packed at the end. The result
+    is the same."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     _check_optimizer(optimizer, named)
     _check_batches(mastered_batches)
     params = [p for _, p in named]
+    attached = getattr(optimizer, "_cpl_in_backward", None)
+    if attached is not None:  # steps in backward: the hooks pack (cpl_kernels.optim.in_backward)
+        # One batch: each hook packs its sign and frees the gradient; several: summed, then packed.
+        one = isinstance(mastered_batches, Sized) and len(mastered_batches) == 1
+        with attached.reference_pass(accumulate=not one):
+            used = _accumulate(model, mastered_batches, loss_fn, params, progress=progress)
+            _check_dense(named)
+        return used
     saved = [p.grad for p in params]
     for p in params:
         p.grad = None

@@ -100,3 +100,66 @@ def test_two_process_run_equals_single_process(kind, tmp_path):
     got = torch.load(out, weights_only=True)
     for a, b in zip(got, model.parameters()):
         torch.testing.assert_close(a, b.detach(), **TOL)
+
+
+# ---- steps inside backward (cpl_kernels.in_backward) under FSDP2 ----------------------------------
+
+def _in_backward_worker(rank, port, nested, out_path):
+    """FSDP2 calls the post-accumulate-grad hooks of each sharded parameter after its
+    reduce-scatter: the hook steps the local shard with the reduced gradient."""
+    from torch.distributed.fsdp import fully_shard
+
+    from cpl_kernels import in_backward
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        inject, mastered = data()
+        model = make_model()
+        if nested:  # one FSDP group per layer (reduce-scatters during backward) and the root
+            for layer in (model[0], model[2]):
+                fully_shard(layer)
+        fully_shard(model)  # alone: the only reduce-scatter runs in FSDP's final callback
+
+        def shard(b):
+            return tuple(x.chunk(WORLD)[rank] for x in b)
+
+        opt = CPLAdamW(model.parameters(), lr=0.05)
+        attached = in_backward(opt)
+        local_numel = sum(p.to_local().numel() for p in model.parameters())
+        for t, batch in enumerate(inject):
+            if t % 5 == 0:  # per-epoch style: two batches, accumulated then packed
+                build_reference(opt, model, [shard(b) for b in mastered], loss_fn)
+            else:           # per step: packed in the hooks
+                with attached.reference_pass():
+                    loss_fn(model, shard(mastered[t % 2])).backward()
+            loss_fn(model, shard(batch)).backward()
+            assert all(p.grad is None for p in model.parameters())
+            assert opt.stepped_counts == [local_numel]  # one step per backward, every shard
+        attached.detach()
+        full = [p.full_tensor().detach().clone() for p in model.parameters()]
+        if rank == 0:
+            torch.save(full, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
+@pytest.mark.parametrize("nested", [False, True], ids=["root-only", "per-layer"])
+def test_fsdp2_in_backward_equals_single_process_step(nested, tmp_path):
+    if fsdp2_unavailable():
+        pytest.skip(fsdp2_unavailable())
+    out = tmp_path / "params.pt"
+    mp.start_processes(_in_backward_worker, args=(free_port(), nested, str(out)), nprocs=WORLD,
+                       start_method="spawn", join=True)
+    inject, mastered = data()
+    model = make_model()
+    opt = CPLAdamW(model.parameters(), lr=0.05)
+    for t, batch in enumerate(inject):
+        build_reference(opt, model, mastered if t % 5 == 0 else [mastered[t % 2]], loss_fn)
+        loss_fn(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    got = torch.load(out, weights_only=True)
+    for a, b in zip(got, model.parameters()):
+        torch.testing.assert_close(a, b.detach(), **TOL)

@@ -163,3 +163,32 @@ def test_a_config_from_before_the_new_options_keeps_their_old_behaviour():
     cfg = LabConfig.from_dict(old)
     assert (cfg.lora_lr_scale, cfg.ref_every, cfg.xp_every) == (1.0, 1, 1)
     assert LabConfig.from_dict(LabConfig().as_dict()) == LabConfig()
+
+
+@pytest.mark.parametrize("reference", ["step", "epoch"])
+def test_in_backward_gives_the_same_numbers(tmp_path, cache, capsys, reference):
+    """--in-backward: ft (torch's per-parameter optimizers in hooks) and cpl (cpl_kernels.in_backward)
+    learn and forget exactly what they do stepping normally, epoch by epoch."""
+    def cells(name, *extra):
+        out = tmp_path / name
+        assert main(["inject", *TINY, "--methods", "ft,cpl", "--reference", reference, "--cache-dir",
+                     str(cache), "--out", str(out), "--no-plots", *extra]) == 0
+        results = json.loads((out / "results.json").read_text())
+        return results, {c["method"]: c["rows"] for c in results["cells"]}
+
+    normal, normal_rows = cells("normal")
+    inside, inside_rows = cells("inside", "--in-backward")
+    assert inside["config"]["in_backward"] is True and normal["config"]["in_backward"] is False
+    same = ("learned", "forgotten", "forgotten_in", "forgotten_out", "loss", "mastered_loss", "frozen",
+            "state_mb", "xp_learned")
+    for method in ("ft", "cpl"):
+        assert len(normal_rows[method]) == len(inside_rows[method]) == 3
+        for a, b in zip(normal_rows[method], inside_rows[method]):
+            assert {k: a[k] for k in same} == {k: b[k] for k in same}, method
+    assert inside_rows["cpl"][-1]["frozen"] > 0
+
+
+def test_in_backward_refuses_methods_that_need_whole_gradients(tmp_path, cache, capsys):
+    assert main(["inject", *TINY, "--methods", "ft,replay", "--in-backward", "--cache-dir", str(cache),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "replay" in capsys.readouterr().err

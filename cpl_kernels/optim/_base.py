@@ -200,25 +200,22 @@ class StateOptimizer(Optimizer):
 
     def _collect(self) -> list[list[Item]]:
         """Per group, an Item for every param that has a gradient (nothing written)."""
-        work = []
-        for group in self.param_groups:
-            items = []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; "
-                                       f"parameter {self.param_name(p)} has one (use a dense embedding)")
-                if p.dtype not in SUPPORTED_DTYPES:
-                    raise TypeError(f"{type(self).__name__}.step: parameter {self.param_name(p)} has "
-                                    f"dtype {p.dtype}, which the kernels do not step")
-                if p.grad.dtype != p.dtype or p.grad.shape != p.shape:
-                    raise ValueError(f"{type(self).__name__}.step: the gradient of parameter "
-                                     f"{self.param_name(p)} has dtype {p.grad.dtype} and shape "
-                                     f"{tuple(p.grad.shape)}; the parameter has {p.dtype}, {tuple(p.shape)}")
-                items.append(Item(p, p.grad))
-            work.append(items)
-        return work
+        return [[self._item(p) for p in group["params"] if p.grad is not None]
+                for group in self.param_groups]
+
+    def _item(self, p: Tensor) -> Item:
+        """The Item stepping p with its .grad (not None), validated (nothing written)."""
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; "
+                               f"parameter {self.param_name(p)} has one (use a dense embedding)")
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{type(self).__name__}.step: parameter {self.param_name(p)} has "
+                            f"dtype {p.dtype}, which the kernels do not step")
+        if p.grad.dtype != p.dtype or p.grad.shape != p.shape:
+            raise ValueError(f"{type(self).__name__}.step: the gradient of parameter "
+                             f"{self.param_name(p)} has dtype {p.grad.dtype} and shape "
+                             f"{tuple(p.grad.shape)}; the parameter has {p.dtype}, {tuple(p.shape)}")
+        return Item(p, p.grad)
 
     def _check_finite(self, work: list[list[Item]]) -> None:
         """Raises before anything is written when a gradient holds NaN or inf (one host sync).
@@ -259,6 +256,8 @@ class StateOptimizer(Optimizer):
     # torch.amp.GradScaler hands this optimizer `grad_scale` and `found_inf` attributes instead of
     # unscaling the gradients in a separate pass (torch's fused optimizers' protocol).
     _step_supports_amp_scaling = True
+    # The cpl_kernels.optim.in_backward.InBackward attached to this optimizer (None: step() steps).
+    _cpl_in_backward = None
 
     def _amp(self) -> tuple[Tensor | None, bool]:
         """(grad_scale to divide gradients by, whether GradScaler found inf/NaN: skip the step).
@@ -272,6 +271,8 @@ class StateOptimizer(Optimizer):
     @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure=None):
+        if self._cpl_in_backward is not None:  # cpl_kernels.in_backward: the steps ran in backward
+            raise RuntimeError(self._cpl_in_backward.step_refusal())
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -120,6 +120,9 @@ def parser() -> argparse.ArgumentParser:
     _add(inj, "injection", INJECT)
     inj.add_argument("--soft", action="store_true", help="criterion 'gradient' with strict=False: "
                      "elements frozen this step may still move by momentum")
+    inj.add_argument("--in-backward", action="store_true", help="ft and cpl step each parameter inside "
+                     "backward as its gradient completes and free it (cpl_kernels.in_backward): the same "
+                     "results, lower peak memory")
     ana = sub.add_parser("analyze", help="gradient similarity vs forgetting, per-layer conflict",
                          description="Per mastered question: cosine similarity of its gradient to the "
                          "mean injection gradient, against whether plain fine-tuning (same injection "
@@ -141,6 +144,8 @@ def config_from(args) -> LabConfig:
             setattr(cfg, key, value)
     if getattr(args, "soft", False):
         cfg.strict = False
+    if getattr(args, "in_backward", False):
+        cfg.in_backward = True
     return cfg.validate()
 
 

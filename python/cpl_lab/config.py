@@ -24,6 +24,8 @@ METHODS = tuple(METHOD_HELP)
 # metric picks, per method, the best (lr, epoch) point of this grid.
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3)
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+# Methods whose step needs no more than one parameter's gradient at a time (--in-backward).
+IN_BACKWARD_METHODS = ("ft", "cpl")
 
 
 @dataclass
@@ -61,6 +63,7 @@ class LabConfig:
     strict: bool = True
     ref_batch: int = 32
     ref_every: int = 1            # reference="step": rebuild the reference every N steps
+    in_backward: bool = False     # ft and cpl step inside backward (cpl_kernels.in_backward)
     random_frac: float | None = None  # None: match the CPL cell of the same lr and seed
     lora_r: int = 8
     lora_alpha: int = 16
@@ -97,6 +100,10 @@ class LabConfig:
             raise ValueError("lora_lr_scale must be positive")
         if self.ewc_lambda < 0:
             raise ValueError("ewc_lambda must be >= 0")
+        unsupported = [m for m in self.methods if m not in IN_BACKWARD_METHODS]
+        if self.in_backward and unsupported:
+            raise ValueError(f"--in-backward steps {' and '.join(IN_BACKWARD_METHODS)} inside backward, "
+                             f"not {', '.join(unsupported)} (docs/lab.md): run them without --in-backward")
         return self
 
     def as_dict(self) -> dict:
@@ -123,7 +130,7 @@ class LabConfig:
                                    "batch_size", "weight_decay", "momentum", "reference",
                                    "criterion", "strict", "ref_batch", "ref_every", "random_frac",
                                    "lora_r", "lora_alpha", "lora_lr_scale", "ewc_lambda",
-                                   "eval_every", "xp_every")
+                                   "eval_every", "xp_every", "in_backward")
 
     def digest(self, keys, extra: str = "") -> str:
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True) + extra

@@ -3,23 +3,54 @@ from __future__ import annotations
 
 import torch
 
+import cpl_kernels
+
 from .. import optimizers
 from ..evaluate import answer_logits, per_row_loss
 from .base import Context, Method, loss_fn, trainable
 
 
 class FineTune(Method):
-    """Plain fine-tuning on the injection set."""
+    """Plain fine-tuning on the injection set.
+
+    With --in-backward: torch's optimizer-in-backward pattern, one torch optimizer per parameter
+    stepped by that parameter's post-accumulate-grad hook, which then frees the gradient. On the
+    CPU torch.optim steps each parameter on its own anyway (no foreach), so the results are the
+    same bit for bit (tests/test_lab_pipeline.py)."""
     name = "ft"
 
     def __init__(self, model, ctx: Context):
         super().__init__(model, ctx)
-        self.opt = optimizers.plain(trainable(model), ctx.lr, ctx.cfg)
+        params = trainable(model)
+        self.per_param = None
+        if ctx.cfg.in_backward and self.name == "ft":
+            self.per_param = {p: optimizers.plain([p], ctx.lr, ctx.cfg) for p in params}
+            for p in params:
+                p.register_post_accumulate_grad_hook(self._step_in_backward)
+        else:
+            self.opt = optimizers.plain(params, ctx.lr, ctx.cfg)
+
+    def _step_in_backward(self, p):
+        self.per_param[p].step()
+        p.grad = None
+
+    def backward(self, batch):
+        if self.per_param is None:
+            return super().backward(batch)
+        loss = loss_fn(self.model, batch)
+        loss.backward()  # every parameter stepped by its hook
+        return loss.item()
 
     def step(self, batch):
         loss = self.backward(batch)
-        self.opt.step()
+        if self.per_param is None:
+            self.opt.step()
         return loss
+
+    def state_bytes(self):
+        if self.per_param is None:
+            return super().state_bytes()
+        return sum(cpl_kernels.state_bytes(o) for o in self.per_param.values())
 
 
 class Replay(FineTune):

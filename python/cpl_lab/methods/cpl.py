@@ -21,6 +21,8 @@ class CPL(Method):
     def __init__(self, model, ctx: Context):
         super().__init__(model, ctx)
         self.opt = optimizers.cpl(trainable(model), ctx.lr, ctx.cfg)
+        # --in-backward: the hooks pack the reference (build_reference) and step each parameter
+        self.attached = cpl_kernels.in_backward(self.opt) if ctx.cfg.in_backward else None
         self.steps = 0
 
     def start_epoch(self, epoch):
@@ -36,7 +38,8 @@ class CPL(Method):
                                         progress=False)
         self.steps += 1
         loss = self.backward(batch)
-        self.opt.step()
+        if self.attached is None:
+            self.opt.step()
         self.record_frozen(self.opt.frozen_fraction)
         return loss
 
