@@ -193,8 +193,9 @@ def table(rows: list[dict]) -> str:
 
 
 def write_csv(rows: list[dict], path: str) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))  # rows differ: "-bwd" rows have more
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
 
@@ -217,9 +218,9 @@ def main() -> None:
         ap.error(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
     rows = run_all(models=tuple(args.models.split(",")), optimizers=cases, repeats=args.repeats,
                    timed_steps=args.steps)
+    print(table(rows), flush=True)
     if args.csv:
         write_csv(rows, args.csv)
-    print(table(rows))
 
 
 if __name__ == "__main__":
