@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cpl_kernels import CPLAdam, CPLAdamW, CPLLion, CPLSGD
+from test_engine import plain_lion_
 
 CPL = [CPLAdamW, CPLAdam, CPLSGD, CPLLion]
 
@@ -105,12 +106,6 @@ def test_compiled_training_step_does_not_recompile():
             train_step(torch.randn(4, 6, generator=gen))
 
 
-def plain_lion_step(p, g, m, lr, beta1, beta2, wd):
-    c = beta1 * m + (1 - beta1) * g
-    p.mul_(1 - lr * wd).sub_(lr * torch.sign(c))
-    m.mul_(beta2).add_((1 - beta2) * g)
-
-
 def test_cpl_lion_without_reference_is_lion():
     gen = torch.Generator().manual_seed(0)
     p = torch.nn.Parameter(torch.randn(50, 7, generator=gen))
@@ -121,7 +116,7 @@ def test_cpl_lion_without_reference_is_lion():
         g = torch.randn(50, 7, generator=gen)
         p.grad = g.clone()
         opt.step()
-        plain_lion_step(q, g, m, 3e-3, 0.9, 0.99, 0.1)
+        plain_lion_(q, g, m, 3e-3, 0.9, 0.99, 0.1)
     torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(opt.state[p]["exp_avg"], m, rtol=1e-5, atol=1e-6)
     assert opt.state_bytes() == 50 * 7 * 4
