@@ -335,22 +335,58 @@ def mask_block_offsets(mask_words: Tensor, numel: int) -> Tensor:
 def masked_adamw_step_(
     param: Tensor, grad: Tensor, mask_words: Tensor, block_offsets: Tensor,
     exp_avg: Tensor, exp_avg_sq: Tensor, step: float, lr: float, beta1: float, beta2: float,
-    eps: float, weight_decay: float,
-) -> None:
+    eps: float, weight_decay: float, skip_nonfinite: bool = False, grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> Tensor:
     """AdamW on active elements only, with m and v stored compactly (one entry per active
-    element, in element order). Inactive elements never move (no decay either).
+    element, in element order). Inactive elements never move (no decay either) and their
+    gradient is never read.
+
+    The step of each active element is the step engine's, kind "adamw" without a reference
+    (reference_step._step_one, the rule written once): g = grad / grad_scale when grad_scale is
+    given; with skip_nonfinite an active element whose g is NaN or inf is left untouched (p, m
+    and v) and counted; a nonzero found_inf skips the whole step (nothing written, count 0).
+    Returns the number of active elements left untouched for a non-finite gradient (int64 0-dim).
 
     Raises ValueError, before writing anything, unless mask_words, block_offsets and the length
     of exp_avg satisfy the compact-state invariant (docs/design.md section 3; every backend
     checks it: cpl_kernels._checks.compact_state). fp32 rounding as the module docstring
-    states; the order is csrc/cpu/masked_adamw.cpp's: p = p - lr*(adam_direction(g) + wd*p)."""
+    states."""
     from . import _checks  # _checks imports this module
+    from . import kinds, reference_step
 
     n = param.numel()
     _checks.compact_state("masked_adamw_step_", mask_words, block_offsets, n, exp_avg.numel())
-    h = adam_hyper(step, lr, beta1, beta2, eps, weight_decay)
+    if found_inf is not None and float(found_inf.item()) != 0:
+        return torch.zeros((), dtype=torch.int64, device=param.device)
+    s = reference_step.scalars(kinds.KINDS["adamw"], step, lr,
+                               dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay))
+    scale = None if grad_scale is None else f32(float(grad_scale.item()))
     active = unpack_mask(mask_words, n)
-    p = param.reshape(-1).float()[active]
-    g = grad.reshape(-1).float()[active]
-    u = _add(_adam_direction(g, exp_avg.view(-1), exp_avg_sq.view(-1), h), _mul(h.weight_decay, p))
-    param.view(-1)[active] = _sub(p, _mul(h.lr, u)).to(param.dtype)
+    p = param.reshape(-1)[active]  # compact copies, in the param dtype
+    g = grad.reshape(-1)[active]
+    _, nonfinite = reference_step._step_one(p, g, exp_avg.view(-1), exp_avg_sq.view(-1), None,
+                                            reference_step.DIRECTIONS["adamw"], s, "update", True,
+                                            bool(skip_nonfinite), scale)
+    param.view(-1)[active] = p
+    return nonfinite.to(torch.int64)
+
+
+def cpl_mask_words(a: Tensor, b: Tensor | None, codes: Tensor | None, mask_out: Tensor,
+                   block_offsets_out: Tensor | None = None) -> Tensor:
+    """The CPL mask of one parameter as bits (docs/design.md section 3): bit i of mask_out is 1
+    (collaborative: trained by MaskedAdamW) unless a_i * r_i < 0 decided on signs, where r is `b`
+    or, when b is None, the packed sign codes `codes` (exactly one of them is given). Ties are
+    collaborative: a zero on either side, NaN, and a zero code. Bits past a.numel() are 0.
+
+    block_offsets_out (optional, int64, one per 1024 elements) receives the mask's compact-state
+    offsets, mask_block_offsets(mask_out, a.numel()), so MaskedAdamW takes the mask as it is.
+    Returns the number of set bits (int64 0-dim): the mask's active elements."""
+    n = a.numel()
+    r = b.reshape(-1).float() if b is not None else unpack_signs(codes, n)
+    bits = _collaborative(a.reshape(-1).float(), r)
+    words = pack_mask(bits)
+    mask_out.copy_(words)
+    if block_offsets_out is not None:
+        block_offsets_out.copy_(mask_block_offsets(words, n))
+    return bits.sum().to(torch.int64)

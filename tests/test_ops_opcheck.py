@@ -32,8 +32,12 @@ def cases(device):
         "cpl_adam_step_": (p.clone(), g, zeros(), zeros(), codes, 3.0, 1e-3, 0.9, 0.999, 1e-8, 0.01,
                            True, "update", True),
         "cpl_sgd_step_": (p.clone(), g, zeros(), codes, 1e-2, 0.9, 0.0, 0.0, False, True, "gradient", False),
+        # Non-finite skip on, GradScaler's scale 2 and found_inf 0.
         "masked_adamw_step_": (p.clone(), g, words, offsets, zeros(active), zeros(active), 1.0, 1e-3,
-                               0.9, 0.999, 1e-8, 0.01),
+                               0.9, 0.999, 1e-8, 0.01, True, torch.tensor(2.0, device=device),
+                               torch.tensor(0.0, device=device)),
+        "cpl_mask_words": (p, g, None, ops.empty_mask(p),
+                           torch.zeros(ref.num_offset_blocks(n), dtype=torch.int64, device=device)),
         "cpl_adam_step_multi_": ([p.clone(), g.clone()], [g, p], [zeros(), zeros()], [zeros(), zeros()],
                                  [codes, None], torch.tensor(2.0, device=device),
                                  torch.tensor(1e-3, device=device), 0.9, 0.999, 1e-8, 0.01, True,

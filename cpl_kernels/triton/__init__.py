@@ -5,10 +5,10 @@ missing triton raises ImportError here and never breaks `import cpl_kernels`.
 On CPU the kernels run under TRITON_INTERPRET=1 (the tests do this with small shapes).
 """
 from .adam import cpl_adam_step_
-from .masked import masked_adamw_step_
+from .masked import cpl_mask_words, masked_adamw_step_
 from .pack import pack_signs_
 from .sgd import cpl_sgd_step_
 from .stats import contribution_stats, contribution_stats_codes
 
 __all__ = ["pack_signs_", "contribution_stats", "contribution_stats_codes", "cpl_adam_step_",
-           "cpl_sgd_step_", "masked_adamw_step_"]
+           "cpl_sgd_step_", "masked_adamw_step_", "cpl_mask_words"]

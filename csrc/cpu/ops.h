@@ -28,10 +28,13 @@ at::Tensor cpl_sgd_step_(const at::Tensor& param, const at::Tensor& grad,
                          const std::optional<at::Tensor>& codes, double lr, double momentum,
                          double dampening, double weight_decay, bool nesterov, bool init_buffer,
                          c10::string_view criterion, bool strict);
-void masked_adamw_step_(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& mask_words,
-                        const at::Tensor& block_offsets, const at::Tensor& exp_avg,
-                        const at::Tensor& exp_avg_sq, double step, double lr, double beta1,
-                        double beta2, double eps, double weight_decay);
+at::Tensor masked_adamw_step_(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& mask_words,
+                              const at::Tensor& block_offsets, const at::Tensor& exp_avg,
+                              const at::Tensor& exp_avg_sq, double step, double lr, double beta1, double beta2,
+                              double eps, double weight_decay, bool skip_nonfinite,
+                              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
+at::Tensor cpl_mask_words(const at::Tensor& a, const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& codes,
+                          const at::Tensor& mask_out, const std::optional<at::Tensor>& block_offsets_out);
 at::Tensor cpl_adam_step_multi_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                 at::TensorList exp_avg_sqs, const c10::List<std::optional<at::Tensor>>& codes,
                                 const at::Tensor& step, const at::Tensor& lr, double beta1, double beta2,

@@ -11,6 +11,7 @@ TORCH_LIBRARY_IMPL(cpl, CPU, m) {
   m.impl("cpl_adam_step_", &cpl::cpu::cpl_adam_step_);
   m.impl("cpl_sgd_step_", &cpl::cpu::cpl_sgd_step_);
   m.impl("masked_adamw_step_", &cpl::cpu::masked_adamw_step_);
+  m.impl("cpl_mask_words", &cpl::cpu::cpl_mask_words);
   m.impl("cpl_adam_step_multi_", &cpl::cpu::cpl_adam_step_multi_);
   m.impl("cpl_sgd_step_multi_", &cpl::cpu::cpl_sgd_step_multi_);
 }

@@ -82,7 +82,14 @@ struct MaskedAdamWParams {
   int64_t state_len;             // entries of exp_avg and exp_avg_sq
   DType dtype;
   int64_t numel;
-  AdamHyper hyper;  // decoupled decay always applied; criterion/strict unused
+  // The engine's AdamW (directions.cuh AdamDirection<true>): beta1, beta2, eps, weight_decay,
+  // then step (counts from 1) and lr, all host values (the op takes them as floats).
+  double hyper[4];
+  double step, lr;
+  bool skip_nonfinite;           // NaN/inf gradient elements left untouched and counted
+  const float* grad_scale;       // device scalar (gradients are divided by it), or null
+  const int32_t* found_inf;      // device flag: nonzero skips the whole step, or null
+  unsigned long long* nonfinite;  // device counter, zeroed by the caller
   // Device word written by launch_masked_adamw_validate and read first by the step kernel:
   // kMaskedStateOk, or the code of the first violation of the compact-state invariant.
   unsigned long long* error;
@@ -139,6 +146,18 @@ cudaError_t launch_cpl_sgd_step(const SgdParams& p, cudaStream_t stream);
 // Sets *p.error (no host sync): launch it before launch_masked_adamw_step on the same stream.
 cudaError_t launch_masked_adamw_validate(const MaskedAdamWParams& p, cudaStream_t stream);
 cudaError_t launch_masked_adamw_step(const MaskedAdamWParams& p, cudaStream_t stream);
+
+// cpl_mask_words (mask_words.cu): the CPL mask of a against b (or b's sign codes) as bits.
+struct MaskWordsParams {
+  const void* a;             // numel elements of dtype
+  const void* b;             // numel elements of dtype, or null when b_codes is given
+  const int32_t* b_codes;    // packed sign codes of b, or null
+  DType dtype;
+  int32_t* mask_out;         // ceil(numel / 32) words
+  int64_t* block_counts;     // ceil(numel / 1024): the set bits of each 1024-element block
+  int64_t numel;
+};
+cudaError_t launch_mask_words(const MaskWordsParams& p, cudaStream_t stream);
 cudaError_t launch_cpl_adam_step_multi(const AdamMultiParams& p, cudaStream_t stream);
 cudaError_t launch_cpl_sgd_step_multi(const SgdMultiParams& p, cudaStream_t stream);
 
