@@ -21,6 +21,7 @@
 // (0.7^16 = 0.3% do not), so p is read and written and g read in full (12 B/param), plus m, v
 // 0.3 * 16 B and the mask 0.125 B: ~17 B/param against AdamW's 28, so ~0.6x its time is the
 // bandwidth floor for random masks. Row-structured masks move 0.3 * 28 B.
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -196,46 +197,54 @@ CPL_AVX2_INLINE void store8_where(T* out, __m256 x, uint32_t byte) {
 // A call, not inlined: the block loop that calls it is compiled for both targets, and GCC does not
 // inline a target("avx2") function into a baseline one (one call per 1024-element block).
 template <class D, typename T, bool kSkip, bool kScale>
-__attribute__((noinline, target("avx2"))) int64_t mixed_block_avx2(const MaskedArgs<D>& a, int64_t b, int64_t count, Compact& c) {
+__attribute__((noinline, target("avx2"))) int64_t mixed_block_avx2(const MaskedArgs<D>& a, int64_t b, int64_t count,
+                                                                   Compact& c) {
+  // Everything in locals: the stores into the compact buffers could otherwise alias `a`, and GCC
+  // reloaded a.n and a.mask after every store (perf: the pack and expand loops took 70% of the
+  // block's time against ~30% for the AdamW lanes).
   T* __restrict p = static_cast<T*>(a.param);
   const T* __restrict g = static_cast<const T*>(a.grad);
-  const int64_t j0 = a.offsets[b];
-  const int64_t words = ceil_div(a.n, kBitsPerWord);
-  const int64_t w0 = b * kWordsPerBlock, w1 = std::min(words, w0 + kWordsPerBlock);
+  const uint32_t* __restrict mask = a.mask;
+  float* __restrict cp = c.p;
+  float* __restrict cg = c.g;
+  const int64_t n = a.n, j0 = a.offsets[b];
+  const int64_t w0 = b * kWordsPerBlock, w1 = std::min(ceil_div(n, kBitsPerWord), w0 + kWordsPerBlock);
+  // Groups of 8 from element `full_end` on run past n (the last block's tail): element by element.
+  const int64_t full_end = n & ~int64_t{7};
   int64_t k = 0;
   for (int64_t w = w0; w < w1; ++w) {
-    const uint32_t word = a.mask[w];
+    const uint32_t word = mask[w];
     if (word == 0) continue;
     for (int q = 0; q < 4; ++q) {
       const uint32_t byte = (word >> (8 * q)) & 255u;
       const int64_t e = w * kBitsPerWord + 8 * q;
-      if (e + 8 <= a.n) {
+      if (e < full_end) {
         const __m256i idx = nibble_indices(kPerm.pack[byte]);
-        _mm256_storeu_ps(c.p + k, _mm256_permutevar8x32_ps(load8(p + e), idx));
-        _mm256_storeu_ps(c.g + k, _mm256_permutevar8x32_ps(load8(g + e), idx));
+        _mm256_storeu_ps(cp + k, _mm256_permutevar8x32_ps(load8(p + e), idx));
+        _mm256_storeu_ps(cg + k, _mm256_permutevar8x32_ps(load8(g + e), idx));
       } else {
         int64_t r = k;
         for (int lane = 0; lane < 8; ++lane)
-          if ((byte >> lane) & 1u) c.p[r] = to_f32(p[e + lane]), c.g[r++] = to_f32(g[e + lane]);
+          if ((byte >> lane) & 1u) cp[r] = to_f32(p[e + lane]), cg[r++] = to_f32(g[e + lane]);
       }
       k += kPerm.count[byte];
     }
   }
-  const int64_t bad = run_lanes<D, float, kSkip, kScale>(a.d, c.p, c.g, a.m + j0, a.v + j0, count, a.scale);
+  const int64_t bad = run_lanes<D, float, kSkip, kScale>(a.d, cp, cg, a.m + j0, a.v + j0, count, a.scale);
   k = 0;
   for (int64_t w = w0; w < w1; ++w) {
-    const uint32_t word = a.mask[w];
+    const uint32_t word = mask[w];
     if (word == 0) continue;
     for (int q = 0; q < 4; ++q) {
       const uint32_t byte = (word >> (8 * q)) & 255u;
       const int64_t e = w * kBitsPerWord + 8 * q;
-      if (e + 8 <= a.n) {
-        const __m256 x = _mm256_permutevar8x32_ps(_mm256_loadu_ps(c.p + k), nibble_indices(kPerm.expand[byte]));
+      if (e < full_end) {
+        const __m256 x = _mm256_permutevar8x32_ps(_mm256_loadu_ps(cp + k), nibble_indices(kPerm.expand[byte]));
         store8_where(p + e, x, byte);
       } else {
         int64_t r = k;
         for (int lane = 0; lane < 8; ++lane)
-          if ((byte >> lane) & 1u) store_f32(p, e + lane, c.p[r++]);
+          if ((byte >> lane) & 1u) store_f32(p, e + lane, cp[r++]);
       }
       k += kPerm.count[byte];
     }
@@ -282,17 +291,33 @@ CPL_TARGET_AVX2 int64_t masked_blocks_avx2(const MaskedArgs<D>& a, int64_t b0, i
   return masked_blocks<D, T, kSkip, kScale, true>(a, b0, b1);
 }
 
-// All blocks, in parallel; returns the non-finite count.
+// All blocks, in parallel; returns the non-finite count. Tasks of kGrainElements (64 blocks) are
+// taken from a shared counter, as engine.h's run_list does: on this shared 2-core machine a
+// thread is often descheduled mid-step, and a static half then waits for it.
 template <class D, typename T, bool kSkip, bool kScale>
 int64_t masked_step(const MaskedArgs<D>& a) {
   const int64_t blocks = ceil_div(a.n, kOffsetBlock);
+  const int64_t per_task = std::max<int64_t>(1, kGrainElements / kOffsetBlock);
+  const int64_t tasks = ceil_div(blocks, per_task);
   const bool avx2 = cpu_has_avx2();
-  return at::parallel_reduce(
-      0, blocks, std::max<int64_t>(1, kGrainElements / kOffsetBlock), int64_t{0},
-      [&](int64_t b0, int64_t b1, int64_t) {
-        return avx2 ? masked_blocks_avx2<D, T, kSkip, kScale>(a, b0, b1) : masked_blocks_base<D, T, kSkip, kScale>(a, b0, b1);
-      },
-      [](int64_t x, int64_t y) { return x + y; });
+  const auto run = [&](int64_t t) {
+    const int64_t b0 = t * per_task, b1 = std::min(blocks, b0 + per_task);
+    return avx2 ? masked_blocks_avx2<D, T, kSkip, kScale>(a, b0, b1) : masked_blocks_base<D, T, kSkip, kScale>(a, b0, b1);
+  };
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
+  if (threads <= 1) {  // one task or one thread: no parallel region (its start costs ~2 us a call)
+    int64_t bad = 0;
+    for (int64_t t = 0; t < tasks; ++t) bad += run(t);
+    return bad;
+  }
+  std::atomic<int64_t> next{0}, bad{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    int64_t mine = 0;
+    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < tasks; t = next.fetch_add(1, std::memory_order_relaxed))
+      mine += run(t);
+    bad.fetch_add(mine, std::memory_order_relaxed);
+  });
+  return bad.load();
 }
 
 // Entry b of block_offsets is wrong: out of [0, active], not 0 at b == 0, or not the previous
