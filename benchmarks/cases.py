@@ -15,6 +15,7 @@ move, not what an implementation happens to move):
   pack_signs_ (fp32)    4.25   read src, write codes
   contribution_stats    8.125  read a, b (fp32), write the 1-bit mask; bf16 a, b: 4.125;
                         codes variant: read a, the 2-bit codes, write the mask, 4 + 0.25 + 0.125 = 4.375
+  cpl_mask_words        8.133  as contribution_stats + the block offsets (codes variant: 4.383)
 State bytes per parameter come from each optimizer's own state tensors (state_bytes()).
 """
 from __future__ import annotations
@@ -134,9 +135,10 @@ def masked_cases(base, fractions=MASK_FRACTIONS, structured=(0.3,)) -> list[Case
         flat = torch.cat([m.reshape(-1) for m in masks])
         lines = sum(lines_touched(m, 16) * m.numel() for m in masks) / n
         nbytes = 12 * lines + 16 * float(flat.float().mean()) + 0.133
-        opt = MaskedAdamW(params, masks, check_finite=False)
+        opt = MaskedAdamW(params, masks)  # default options: check_finite="skip", fused into the step
         out.append(Case(f"MaskedAdamW {int(frac * 100)}% active ({kind})", "masked", _stepper(opt), nbytes,
-                        opt.state_bytes() / n, n, note=f"{kind} mask, {float(flat.float().mean()):.3f} active"))
+                        opt.state_bytes() / n, n,
+                        note=f"default options, {kind} mask, {float(flat.float().mean()):.3f} active"))
     return out
 
 
@@ -147,6 +149,7 @@ def pack_stats_cases(base, refs) -> list[Case]:
     codes = ops.pack_signs_(b)
     mask = ops.empty_mask(a)
     a16, b16 = a.bfloat16(), b.bfloat16()
+    offsets = torch.empty((n + 1023) // 1024, dtype=torch.int64)
     return [
         Case("pack_signs_ (fp32 -> 2-bit codes)", "ops", lambda: ops.pack_signs_(a, codes), 4.25, None, n),
         Case("contribution_stats(a, b, mask)", "ops", lambda: ops.contribution_stats(a, b, mask), 8.125, None, n,
@@ -155,16 +158,25 @@ def pack_stats_cases(base, refs) -> list[Case]:
              lambda: ops.contribution_stats_codes(a, codes, mask), 4.375, None, n, note="fp32 a, 2-bit codes"),
         Case("contribution_stats(a, b, mask) bf16", "ops", lambda: ops.contribution_stats(a16, b16, mask), 4.125,
              None, n, note="bf16 a, b"),
+        Case("cpl_mask_words(a, b, mask, offsets)", "ops",
+             lambda: ops.cpl_mask_words(a, b, None, mask, offsets), 8.133, None, n),
+        Case("cpl_mask_words(a, codes, mask, offsets)", "ops",
+             lambda: ops.cpl_mask_words(a, None, codes, mask, offsets), 4.383, None, n),
     ]
 
 
-def all_cases(total: int, small: bool) -> list[Case]:
-    """Every row for one size; the reference backend and the mask sweep only at the small size."""
+def all_cases(total: int, small: bool, groups: tuple[str, ...] | None = None) -> list[Case]:
+    """Every row for one size; the reference backend and the mask sweep only at the small size.
+    groups: only the rows of these groups ("cpl", "masked", "ops"), besides torch's."""
     assert cpl_kernels.native_loaded(), "cpl_kernels._C is not built: pip install --no-build-isolation -e ."
+    want = (lambda g: True) if groups is None else (lambda g: g in groups)
     base = make_params(total)
     refs = reference_grads(base)
-    cases = torch_cases(base) + cpl_cases(base, refs, with_reference_backend=small)
-    cases += masked_cases(base) if small else masked_cases(base, fractions=(0.3,), structured=())
-    if small:
+    cases = torch_cases(base)
+    if want("cpl"):
+        cases += cpl_cases(base, refs, with_reference_backend=small)
+    if want("masked"):
+        cases += masked_cases(base) if small else masked_cases(base, fractions=(0.3, 1.0), structured=(0.3,))
+    if small and want("ops"):
         cases += pack_stats_cases(base, refs)
     return cases

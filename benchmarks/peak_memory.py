@@ -18,6 +18,16 @@ per-step reference is packed by the hooks of the mastered backward and every par
 the injection backward's hooks, freeing each gradient at once. After the measured step, `--steps`
 more training steps are timed (median); step time is reported as a ratio to AdamW's and, for a
 "-bwd" case, to the same optimizer and schedule stepping normally.
+
+`--masks` measures building MaskedAdamW's CPL masks of a model instead (issue 12): the two mean
+gradients are computed first (cpl_kernels.mean_gradients over one injection and one mastered
+batch) and held; then, with the peak counter reset, the masks are built, and "extra" is the peak
+minus the resident memory before (what building the masks adds beyond the two gradients,
+including the masks themselves). Modes: "packed" (cpl_masks_once(..., packed=True): the
+cpl_mask_words op, bits and block offsets), "packed-codes" (the reference gradient packed to
+2-bit sign codes first and freed, then the masks from one gradient and the codes), "bool" (the
+bool masks of cpl_masks_once(...)), and "bool-before" (the sign comparisons on bool tensors that
+cpl_masks_once ran before issue 12).
 """
 from __future__ import annotations
 
@@ -140,6 +150,91 @@ def child(model_name: str, case: str, timed_steps: int = TIMED_STEPS) -> dict:
                 method="VmHWM after clear_refs" if exact else "ru_maxrss")
 
 
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+MASK_MODES = ("packed", "packed-codes", "bool", "bool-before")
+
+
+def child_masks(model_name: str, mode: str) -> dict:
+    import gc
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpl_kernels import cpl_masks_once, mean_gradients, ops
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    spec = dict(MODELS[model_name])
+    batch, seq = spec.pop("batch"), spec.pop("seq")
+    model = LlamaForCausalLM(LlamaConfig(**spec, max_position_embeddings=seq))
+    n = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    mastered = torch.randint(0, spec["vocab_size"], (batch, seq), generator=gen)
+    inject = torch.randint(0, spec["vocab_size"], (batch, seq), generator=gen)
+
+    def loss_fn(m, ids):
+        return m(input_ids=ids, labels=ids).loss
+
+    new = mean_gradients(model, [inject], loss_fn)
+    ref = mean_gradients(model, [mastered], loss_fn)
+    gc.collect()
+    # Hand the heap's free pages (the backward's activations) back to the kernel first: otherwise
+    # the masks reuse resident free memory and RSS does not see them (measured: the packed masks'
+    # own 12 MiB did not show at all).
+    _malloc_trim()
+    before = _rss_kib("VmRSS")
+    exact = _reset_peak()
+    if mode == "packed":
+        masks = cpl_masks_once(new, ref, packed=True)
+    elif mode == "packed-codes":  # the reference kept as 2-bit codes: one gradient is freed first
+        for k in list(ref):
+            ref[k] = None if ref[k] is None else ops.pack_signs_(ref[k])
+        masks = cpl_masks_once(new, ref, packed=True)
+    elif mode == "bool":
+        masks = cpl_masks_once(new, ref)
+    else:  # the implementation before issue 12, for comparison
+        masks = {k: ~(((g > 0) & (ref[k] < 0)) | ((g < 0) & (ref[k] > 0))) for k, g in new.items()}
+    peak = _rss_kib("VmHWM") if exact else None
+    active = sum((m.active if hasattr(m, "active") else int(m.sum())) for m in masks.values())
+    return dict(model=model_name, mode=mode, params=n, rss_before_mib=round(before / 1024, 1),
+                peak_mib=round(peak / 1024, 1) if peak else None,
+                extra_b_per_param=round((peak - before) * 1024 / n, 3) if peak else None,
+                active_fraction=round(active / n, 3), method="VmHWM after clear_refs" if exact else "unavailable")
+
+
+def run_masks(models=("llama-100m",), modes=MASK_MODES, repeats: int = 3) -> list[dict]:
+    rows = []
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for m in models:
+        for mode in modes:
+            print(f"mask building memory: {m} / {mode} ...", flush=True)
+            runs = []
+            for _ in range(repeats):
+                out = subprocess.run([sys.executable, "-m", "benchmarks.peak_memory", "--child-masks", m, mode],
+                                     cwd=root, capture_output=True, text=True, check=True)
+                runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            runs.sort(key=lambda r: r["extra_b_per_param"])
+            rows.append(dict(runs[len(runs) // 2], repeats=repeats,
+                             spread_b_per_param=round(runs[-1]["extra_b_per_param"] - runs[0]["extra_b_per_param"], 3)))
+    return rows
+
+
+def masks_table(rows: list[dict]) -> str:
+    lines = ["| model | params | masks built as | RSS before (2 gradients held) MiB | extra peak B/param (median) "
+             "| spread B/param | active fraction |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['mode']} | {r['rss_before_mib']} | "
+                     f"{r['extra_b_per_param']} | {r['spread_b_per_param']} | {r['active_fraction']} |")
+    return "\n".join(lines)
+
+
 def run_all(models=tuple(MODELS), optimizers=OPTIMIZERS, repeats: int = 3, timed_steps: int = TIMED_STEPS) -> list[dict]:
     rows = []
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,14 +298,25 @@ def write_csv(rows: list[dict], path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "CASE"), help=argparse.SUPPRESS)
+    ap.add_argument("--child-masks", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
     ap.add_argument("--repeats", type=int, default=3, help="fresh subprocesses per case (the median is kept)")
     ap.add_argument("--steps", type=int, default=TIMED_STEPS, help="timed training steps per subprocess")
     ap.add_argument("--csv", help="also write the rows to this CSV file")
+    ap.add_argument("--masks", action="store_true", help="the extra peak memory of building CPL masks instead")
+    ap.add_argument("--mask-modes", default=",".join(MASK_MODES))
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(*args.child, timed_steps=args.steps)))
+        return
+    if args.child_masks:
+        print(json.dumps(child_masks(*args.child_masks)))
+        return
+    if args.masks:
+        modes = tuple(args.mask_modes.split(","))
+        print(masks_table(run_masks(models=tuple(args.models.split(",")) if args.models != ",".join(MODELS)
+                                    else ("llama-100m",), modes=modes, repeats=args.repeats)))
         return
     cases = tuple(args.cases.split(","))
     unknown = [c for c in cases if c not in CASES]

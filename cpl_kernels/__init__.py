@@ -7,8 +7,8 @@ __version__ = "0.1.0"
 from . import optim  # noqa: E402
 from .optim import *  # noqa: E402,F401,F403  (every optimizer: a new one is exported from optim/ alone)
 from .reference_grad import build_reference  # noqa: E402,F401
-from .masks import cpl_masks_once, random_masks_like  # noqa: E402,F401
+from .masks import PackedMask, cpl_masks_once, mean_gradients, random_masks_like  # noqa: E402,F401
 from . import analysis  # noqa: E402,F401
 
-__all__ = optim.__all__ + ["analysis", "backend_for", "build_reference", "cpl_masks_once", "native_loaded",
-                           "ops", "random_masks_like", "reference"]
+__all__ = optim.__all__ + ["PackedMask", "analysis", "backend_for", "build_reference", "cpl_masks_once",
+                           "mean_gradients", "native_loaded", "ops", "random_masks_like", "reference"]

@@ -62,12 +62,26 @@ def contribution_stats_codes(a: Tensor, codes: Tensor, mask_out: Tensor | None =
     return kernel("contribution_stats_codes", a.device)(a, codes, mask_out)
 
 
+def _amp_scalar(op: str, name: str, t, like: Tensor) -> Tensor | None:
+    """GradScaler's grad_scale / found_inf: None, or a one-element float tensor on like's device."""
+    if t is None:
+        return None
+    if not isinstance(t, Tensor) or t.numel() != 1 or not t.is_floating_point():
+        raise ValueError(f"cpl.{op}: argument '{name}' must be a one-element floating-point tensor")
+    if t.device != like.device:
+        raise ValueError(f"cpl.{op}: argument '{name}' is on {t.device} but 'param' is on {like.device}")
+    return t
+
+
 def masked_adamw_step_(
     param: Tensor, grad: Tensor, mask_words: Tensor, block_offsets: Tensor,
     exp_avg: Tensor, exp_avg_sq: Tensor, step: float, lr: float, beta1: float, beta2: float,
-    eps: float, weight_decay: float,
-) -> None:
-    """Compact-state AdamW step on the active elements of `mask_words` (see reference.py).
+    eps: float, weight_decay: float, skip_nonfinite: bool = True, grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> Tensor:
+    """Compact-state AdamW step on the active elements of `mask_words` (see reference.py);
+    returns the active elements left untouched for a NaN/inf gradient (int64 0-dim tensor on
+    param's device; always 0 with skip_nonfinite=False).
 
     Shapes and dtypes are checked here. The contents of the compact state (no mask bits past
     param.numel(), block_offsets = reference.mask_block_offsets(mask_words), one exp_avg entry per
@@ -85,8 +99,36 @@ def masked_adamw_step_(
         raise ValueError(f"cpl.{op}: argument 'exp_avg' has {exp_avg.numel()} entries, more than "
                          f"'param' has elements ({param.numel()})")
     check.hyper(op, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-    kernel(op, param.device)(param, grad, mask_words, block_offsets, exp_avg, exp_avg_sq, float(step),
-                            float(lr), float(beta1), float(beta2), float(eps), float(weight_decay))
+    if not isinstance(skip_nonfinite, bool):
+        raise ValueError(f"cpl.{op}: argument 'skip_nonfinite' must be a bool, got {skip_nonfinite!r}")
+    grad_scale = _amp_scalar(op, "grad_scale", grad_scale, param)
+    found_inf = _amp_scalar(op, "found_inf", found_inf, param)
+    return kernel(op, param.device)(param, grad, mask_words, block_offsets, exp_avg, exp_avg_sq, float(step),
+                                    float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+                                    skip_nonfinite, grad_scale, found_inf)
+
+
+def cpl_mask_words(a: Tensor, b: Tensor | None = None, codes: Tensor | None = None,
+                   mask_out: Tensor | None = None, block_offsets_out: Tensor | None = None) -> Tensor:
+    """Writes the CPL mask of `a` against `b` (or b's sign codes `codes`: exactly one) into
+    `mask_out` (int32 words, allocated when None) and, when given, its compact-state offsets into
+    `block_offsets_out`; returns the number of set bits (int64 0-dim). Contract:
+    reference.cpl_mask_words. Nothing the size of `a` is allocated besides the 1-bit output."""
+    op = "cpl_mask_words"
+    check.tensor(op, "a", a, dtypes=check.PARAM_DTYPES)
+    if (b is None) == (codes is None):
+        raise ValueError(f"cpl.{op}: pass exactly one of 'b' and 'codes', got {'neither' if b is None else 'both'}")
+    if b is not None:
+        check.tensor(op, "b", b, dtypes=(a.dtype,), like=a, numel=a.numel())
+    else:
+        check.codes(op, "codes", codes, a.numel(), like=a)
+    if mask_out is None:
+        mask_out = empty_mask(a)
+    check.mask_words(op, "mask_out", mask_out, a.numel(), like=a)
+    if block_offsets_out is not None:
+        check.tensor(op, "block_offsets_out", block_offsets_out, dtypes=(torch.int64,), like=a,
+                     numel=ref.num_offset_blocks(a.numel()))
+    return kernel(op, a.device)(a, b, codes, mask_out, block_offsets_out)
 
 
 def _register_fakes() -> None:
@@ -105,8 +147,13 @@ def _register_fakes() -> None:
     torch.library.register_fake("cpl::contribution_stats_codes")(stats_fake)
 
     @torch.library.register_fake("cpl::masked_adamw_step_")
-    def _(*args):
-        return None
+    def _(param, *args):
+        return param.new_empty((), dtype=torch.int64)
+
+    if hasattr(torch.ops.cpl, "cpl_mask_words"):
+        @torch.library.register_fake("cpl::cpl_mask_words")
+        def _(a, *args):
+            return a.new_empty((), dtype=torch.int64)
 
     if hasattr(torch.ops.cpl, "cpl_step_"):
         @torch.library.register_fake("cpl::cpl_step_")

@@ -19,12 +19,12 @@ section 3).
 Rounding of the optimizer steps (the contract the kernels match bit for bit; which backends
 the tests hold to it: tests/tolerances.py):
 
-* Scalars are rounded once to fp32 exactly as csrc/cpu/adam_math.h (make_adam_hyper) does:
+* Scalars are rounded once to fp32 exactly as csrc/cpu/directions.h (adam_scalars) does:
   lr, betas, eps, weight_decay and momentum directly; 1 - beta1, 1 - beta2, 1 - dampening and the
   bias corrections 1 - beta1**t and sqrt(1 - beta2**t) computed in double first (C pow and sqrt).
 * Every tensor operation is one IEEE fp32 operation, correctly rounded to nearest even, in the
   operation order of the C++ kernels (csrc/cpu/directions.h for the step engine, whose contract
-  is reference_step.py; adam_math.h and masked_adamw.cpp for the compact-state step): no fused
+  is reference_step.py; the compact-state step runs the same AdamW lane): no fused
   multiply-add, no reciprocal for a division.
   Each is computed in float64 and rounded to fp32 (_mul, _add, _sub, _div, _sqrt below). That
   is exact: a float64 result rounded to fp32 equals the correctly rounded fp32 result for +, -,
@@ -41,8 +41,6 @@ the tests hold to it: tests/tolerances.py):
 from __future__ import annotations
 
 import functools
-import math
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -201,39 +199,6 @@ def _fp64_on_cpu(*mutated: str):
     return wrap
 
 
-class AdamHyper(NamedTuple):
-    """The fp32 scalars of one Adam step, as csrc/cpu/adam_math.h make_adam_hyper rounds them."""
-    lr: float
-    beta1: float
-    beta2: float
-    one_minus_beta1: float
-    one_minus_beta2: float
-    bias_correction1: float
-    bias_correction2_sqrt: float
-    eps: float
-    weight_decay: float
-
-
-def adam_hyper(step: float, lr: float, beta1: float, beta2: float, eps: float,
-               weight_decay: float) -> AdamHyper:
-    """Bias corrections in double (C pow and sqrt, as std::pow/std::sqrt), then every scalar
-    rounded once to fp32. Also what the Triton kernels receive."""
-    return AdamHyper(f32(lr), f32(beta1), f32(beta2), f32(1.0 - beta1), f32(1.0 - beta2),
-                     f32(1.0 - math.pow(beta1, step)), f32(math.sqrt(1.0 - math.pow(beta2, step))),
-                     f32(eps), f32(weight_decay))
-
-
-def _adam_direction(g: Tensor, m: Tensor, v: Tensor, h: AdamHyper) -> Tensor:
-    """Updates m, v (fp32, in place) with gradient g; returns mhat / (sqrt(vhat) + eps).
-    Operation order of adam_math.h adam_direction:
-      m = m*b1 + (1-b1)*g;  v = v*b2 + ((1-b2)*g)*g;  u = (m/bc1) / (sqrt(v)/sqrt(bc2) + eps)."""
-    m_new = _add(_mul(m, h.beta1), _mul(h.one_minus_beta1, g))
-    v_new = _add(_mul(v, h.beta2), _mul(_mul(h.one_minus_beta2, g), g))
-    m.copy_(m_new)
-    v.copy_(v_new)
-    return _div(_div(m_new, h.bias_correction1), _add(_div(_sqrt(v_new), h.bias_correction2_sqrt), h.eps))
-
-
 # ---- compact state ---------------------------------------------------------------------------
 
 def mask_word_popcounts(mask_words: Tensor) -> Tensor:
@@ -265,22 +230,58 @@ def mask_block_offsets(mask_words: Tensor, numel: int) -> Tensor:
 def masked_adamw_step_(
     param: Tensor, grad: Tensor, mask_words: Tensor, block_offsets: Tensor,
     exp_avg: Tensor, exp_avg_sq: Tensor, step: float, lr: float, beta1: float, beta2: float,
-    eps: float, weight_decay: float,
-) -> None:
+    eps: float, weight_decay: float, skip_nonfinite: bool = False, grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> Tensor:
     """AdamW on active elements only, with m and v stored compactly (one entry per active
-    element, in element order). Inactive elements never move (no decay either).
+    element, in element order). Inactive elements never move (no decay either) and their
+    gradient is never read.
+
+    The step of each active element is the step engine's, kind "adamw" without a reference
+    (reference_step._step_one, the rule written once): g = grad / grad_scale when grad_scale is
+    given; with skip_nonfinite an active element whose g is NaN or inf is left untouched (p, m
+    and v) and counted; a nonzero found_inf skips the whole step (nothing written, count 0).
+    Returns the number of active elements left untouched for a non-finite gradient (int64 0-dim).
 
     Raises ValueError, before writing anything, unless mask_words, block_offsets and the length
     of exp_avg satisfy the compact-state invariant (docs/design.md section 3; every backend
     checks it: cpl_kernels._checks.compact_state). fp32 rounding as the module docstring
-    states; the order is csrc/cpu/masked_adamw.cpp's: p = p - lr*(adam_direction(g) + wd*p)."""
+    states."""
     from . import _checks  # _checks imports this module
+    from . import kinds, reference_step
 
     n = param.numel()
     _checks.compact_state("masked_adamw_step_", mask_words, block_offsets, n, exp_avg.numel())
-    h = adam_hyper(step, lr, beta1, beta2, eps, weight_decay)
+    if found_inf is not None and float(found_inf.item()) != 0:
+        return torch.zeros((), dtype=torch.int64, device=param.device)
+    s = reference_step.scalars(kinds.KINDS["adamw"], step, lr,
+                               dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay))
+    scale = None if grad_scale is None else f32(float(grad_scale.item()))
     active = unpack_mask(mask_words, n)
-    p = param.reshape(-1).float()[active]
-    g = grad.reshape(-1).float()[active]
-    u = _add(_adam_direction(g, exp_avg.view(-1), exp_avg_sq.view(-1), h), _mul(h.weight_decay, p))
-    param.view(-1)[active] = _sub(p, _mul(h.lr, u)).to(param.dtype)
+    p = param.reshape(-1)[active]  # compact copies, in the param dtype
+    g = grad.reshape(-1)[active]
+    _, nonfinite = reference_step._step_one(p, g, exp_avg.view(-1), exp_avg_sq.view(-1), None,
+                                            reference_step.DIRECTIONS["adamw"], s, "update", True,
+                                            bool(skip_nonfinite), scale)
+    param.view(-1)[active] = p
+    return nonfinite.to(torch.int64)
+
+
+def cpl_mask_words(a: Tensor, b: Tensor | None, codes: Tensor | None, mask_out: Tensor,
+                   block_offsets_out: Tensor | None = None) -> Tensor:
+    """The CPL mask of one parameter as bits (docs/design.md section 3): bit i of mask_out is 1
+    (collaborative: trained by MaskedAdamW) unless a_i * r_i < 0 decided on signs, where r is `b`
+    or, when b is None, the packed sign codes `codes` (exactly one of them is given). Ties are
+    collaborative: a zero on either side, NaN, and a zero code. Bits past a.numel() are 0.
+
+    block_offsets_out (optional, int64, one per 1024 elements) receives the mask's compact-state
+    offsets, mask_block_offsets(mask_out, a.numel()), so MaskedAdamW takes the mask as it is.
+    Returns the number of set bits (int64 0-dim): the mask's active elements."""
+    n = a.numel()
+    r = b.reshape(-1).float() if b is not None else unpack_signs(codes, n)
+    bits = _collaborative(a.reshape(-1).float(), r)
+    words = pack_mask(bits)
+    mask_out.copy_(words)
+    if block_offsets_out is not None:
+        block_offsets_out.copy_(mask_block_offsets(words, n))
+    return bits.sum().to(torch.int64)

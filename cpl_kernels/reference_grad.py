@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Mapping, Sized
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 LossFn = Callable[[torch.nn.Module, Any], Tensor]
+
+
+class _Caller(NamedTuple):
+    """How errors name the public function and its batches (build_reference, mean_gradients)."""
+    who: str = "build_reference"
+    arg: str = "mastered_batches"
+    batch: str = "mastered batch"
+
+
+_BUILD_REFERENCE = _Caller()
 
 
 def build_reference(optimizer, model: torch.nn.Module, mastered_batches: Iterable, loss_fn: LossFn, *,
@@ -60,22 +70,22 @@ def build_reference(optimizer, model: torch.nn.Module, mastered_batches: Iterabl
 
 
 def _accumulate(model: torch.nn.Module, batches: Iterable, loss_fn: LossFn, params: list[Tensor], *,
-                progress: bool) -> int:
+                progress: bool, caller: _Caller = _BUILD_REFERENCE) -> int:
     """Backward of the mean loss over `batches` into the (cleared) .grad of `params`."""
     count = len(batches) if isinstance(batches, Sized) else None
     used = 0
-    with _progress_bar(batches, total=count, enabled=progress) as iterator:
+    with _progress_bar(batches, total=count, enabled=progress, desc=caller.who) as iterator:
         for batch in iterator:
             try:
-                loss = _checked_loss(loss_fn(model, batch), batch, index=used)
+                loss = _checked_loss(loss_fn(model, batch), batch, index=used, caller=caller)
                 # Divide as we go when the count is known; otherwise scale once at the end.
                 (loss / count if count else loss).backward()
             except Exception as error:
-                _note_batch(error, batch, index=used)
+                _note_batch(error, batch, index=used, caller=caller)
                 raise
             used += 1
     if used == 0:
-        raise ValueError("build_reference: mastered_batches yielded no batch (an empty list, or a "
+        raise ValueError(f"{caller.who}: {caller.arg} yielded no batch (an empty list, or a "
                          "generator or iterator already consumed?)")
     if not count or used != count:
         grads = [p.grad for p in params if p.grad is not None]
@@ -84,12 +94,12 @@ def _accumulate(model: torch.nn.Module, batches: Iterable, loss_fn: LossFn, para
     return used
 
 
-def _progress_bar(batches: Iterable, *, total: int | None, enabled: bool):
+def _progress_bar(batches: Iterable, *, total: int | None, enabled: bool, desc: str):
     """A tqdm over the batches, closed even when a batch raises; the batches themselves when off."""
     if not enabled:
         return contextlib.nullcontext(batches)
     from tqdm.auto import tqdm
-    return tqdm(batches, total=total, desc="CPL reference", leave=False)
+    return tqdm(batches, total=total, desc="CPL reference" if desc == "build_reference" else desc, leave=False)
 
 
 # ---- argument checks (all before anything is written) ------------------------------------------
@@ -113,37 +123,37 @@ def _check_optimizer(optimizer, named: list[tuple[str, Tensor]]) -> None:
             "wrapping that replaces them)")
 
 
-def _check_batches(batches) -> None:
+def _check_batches(batches, caller: _Caller = _BUILD_REFERENCE) -> None:
     """An iterable of batches, not one batch: a dict, a tensor or an (inputs, targets) tuple would
     be iterated over its keys, rows or fields, each then fed to loss_fn as if it were a batch."""
     if isinstance(batches, Mapping):
-        raise TypeError(f"build_reference: mastered_batches must be an iterable of batches, got a "
+        raise TypeError(f"{caller.who}: {caller.arg} must be an iterable of batches, got a "
                         f"{type(batches).__name__}: did you mean [batch]?")
     if isinstance(batches, Tensor):
-        raise TypeError(f"build_reference: mastered_batches must be an iterable of batches, got a "
+        raise TypeError(f"{caller.who}: {caller.arg} must be an iterable of batches, got a "
                         f"Tensor {_describe(batches)}: did you mean [batch]?")
     if isinstance(batches, tuple) and batches and all(isinstance(b, Tensor) for b in batches):
         raise TypeError(
-            f"build_reference: mastered_batches must be an iterable of batches, got a tuple of "
+            f"{caller.who}: {caller.arg} must be an iterable of batches, got a tuple of "
             f"{len(batches)} tensors ({_describe(batches)}), which looks like one batch: did you mean "
             "[batch]? (several tensor batches: pass a list)")
     if not isinstance(batches, Iterable):
-        raise TypeError("build_reference: mastered_batches must be an iterable of batches (a list, a "
+        raise TypeError(f"{caller.who}: {caller.arg} must be an iterable of batches (a list, a "
                         f"DataLoader), got {type(batches).__name__}")
 
 
-def _checked_loss(loss, batch, *, index: int) -> Tensor:
-    where = f"(mastered batch {index}: {_describe(batch)})"
+def _checked_loss(loss, batch, *, index: int, caller: _Caller = _BUILD_REFERENCE) -> Tensor:
+    where = f"({caller.batch} {index}: {_describe(batch)})"
     if loss is None:
-        raise TypeError(f"build_reference: loss_fn returned None: does the batch carry labels? {where}")
+        raise TypeError(f"{caller.who}: loss_fn returned None: does the batch carry labels? {where}")
     if not isinstance(loss, Tensor):
-        raise TypeError(f"build_reference: loss_fn must return a scalar tensor, got "
+        raise TypeError(f"{caller.who}: loss_fn must return a scalar tensor, got "
                         f"{type(loss).__name__} {where}")
     if loss.numel() != 1:
-        raise ValueError(f"build_reference: loss_fn must return a scalar loss, got a tensor of shape "
+        raise ValueError(f"{caller.who}: loss_fn must return a scalar loss, got a tensor of shape "
                          f"{tuple(loss.shape)}; reduce it (e.g. .mean()) {where}")
     if not loss.requires_grad:
-        raise RuntimeError(f"build_reference: the loss does not require grad (computed under "
+        raise RuntimeError(f"{caller.who}: the loss does not require grad (computed under "
                            f"torch.no_grad() or inference_mode, or detached?) {where}")
     return loss
 
@@ -175,7 +185,7 @@ def _describe(batch, depth: int = 0) -> str:
     return type(batch).__name__
 
 
-def _note_batch(error: Exception, batch, *, index: int) -> None:
+def _note_batch(error: Exception, batch, *, index: int, caller: _Caller = _BUILD_REFERENCE) -> None:
     """Says which batch an error from loss_fn or backward came from (Python 3.11+ notes)."""
-    if not str(error).startswith("build_reference:") and hasattr(error, "add_note"):
-        error.add_note(f"build_reference: raised on mastered batch {index}: {_describe(batch)}")
+    if not str(error).startswith(f"{caller.who}:") and hasattr(error, "add_note"):
+        error.add_note(f"{caller.who}: raised on {caller.batch} {index}: {_describe(batch)}")

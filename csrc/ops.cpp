@@ -25,8 +25,17 @@ TORCH_LIBRARY(cpl, m) {
   m.def("pack_signs_(Tensor src, Tensor(a!) codes) -> ()");
   m.def("contribution_stats(Tensor a, Tensor b, Tensor(a!)? mask_out) -> (Tensor, Tensor)");
   m.def("contribution_stats_codes(Tensor a, Tensor codes, Tensor(a!)? mask_out) -> (Tensor, Tensor)");
+  // Compact-state AdamW on the active elements of mask_words (contract: reference.py
+  // masked_adamw_step_): the engine's AdamW step per active element, with its non-finite skip and
+  // GradScaler protocol. Returns int64 0-dim: active elements left untouched (non-finite gradient).
   m.def(
       "masked_adamw_step_(Tensor(a!) param, Tensor grad, Tensor mask_words, Tensor block_offsets, "
       "Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, float step, float lr, float beta1, float beta2, "
-      "float eps, float weight_decay) -> ()");
+      "float eps, float weight_decay, bool skip_nonfinite, Tensor? grad_scale, Tensor? found_inf) -> Tensor");
+  // The CPL mask of a parameter as bits, from a and b or a and b's sign codes (exactly one of
+  // them), without a temporary the size of the parameter; optionally its compact-state offsets.
+  // Returns int64 0-dim: the set bits. Contract: reference.py cpl_mask_words.
+  m.def(
+      "cpl_mask_words(Tensor a, Tensor? b, Tensor? codes, Tensor(a!) mask_out, "
+      "Tensor(b!)? block_offsets_out) -> Tensor");
 }

@@ -4,8 +4,9 @@ import copy
 import pytest
 import torch
 
-from cpl_kernels import CPLAdamW, MaskedAdamW, cpl_masks_once, random_masks_like, state_bytes
-from cpl_kernels import reference as ref
+from cpl_kernels import (CPLAdamW, MaskedAdamW, PackedMask, cpl_masks_once, mean_gradients, random_masks_like,
+                         state_bytes)
+from cpl_kernels import ops, reference as ref
 
 SHAPES = [(257,), (13, 31), (1,), (2100,)]
 HYPER = dict(lr=0.02, betas=(0.9, 0.99), eps=1e-7, weight_decay=0.1)
@@ -136,3 +137,116 @@ def test_a_per_rank_checkpoint_into_whole_parameters_is_refused_by_name():
     with pytest.raises(ValueError, match=r"per-rank \(FSDP2\) state \['cpl_shard_rank0'\] for parameter 'weight'"):
         opt.load_state_dict(sd)
     assert all(torch.equal(opt.state[model.weight][k], v) for k, v in snap.items())
+
+
+def test_nonfinite_gradients_are_skipped_counted_and_named():
+    """check_finite="skip" (the default): an active element with a NaN/inf gradient keeps its value
+    and state; a frozen element's gradient is never read; the warning names the parameter."""
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+    masks = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(4)) < 0.5
+             for n, p in model.named_parameters()}
+    masks["1.bias"] = torch.tensor([True, False, True])
+    opt = MaskedAdamW(model.named_parameters(), masks=masks, lr=0.1)
+    model(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    bias = model[1].bias
+    before, state_before = bias.detach().clone(), opt.state[bias]["exp_avg"].clone()
+    model(torch.randn(4, 6)).sum().backward()
+    bias.grad[0], bias.grad[1] = float("nan"), float("inf")  # active, frozen
+    weight_before = model[0].weight.detach().clone()
+    with pytest.warns(RuntimeWarning, match=r"'1\.bias' \(1\)"):
+        opt.step()
+    assert bias.detach()[0] == before[0] and bias.detach()[1] == before[1]  # untouched, frozen
+    assert bias.detach()[2] != before[2]  # the finite active element was stepped
+    assert opt.state[bias]["exp_avg"][0] == state_before[0] and opt.state[bias]["exp_avg"][1] != state_before[1]
+    assert not torch.equal(model[0].weight.detach(), weight_before)
+    assert sum(opt.nonfinite_counts) == 1
+
+
+def test_grad_scaler_fused_protocol_matches_torch_fused_adamw():
+    """GradScaler hands grad_scale/found_inf to the step (no unscale pass) and skips inf steps."""
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+    theirs = copy.deepcopy(ours)
+    opt_a = MaskedAdamW(ours.parameters(), masks=[torch.ones_like(p, dtype=torch.bool) for p in ours.parameters()],
+                        lr=0.01, weight_decay=0.1)
+    opt_b = torch.optim.AdamW(theirs.parameters(), lr=0.01, weight_decay=0.1, fused=True)
+    scaler_a, scaler_b = torch.amp.GradScaler("cpu", init_scale=1024.0), torch.amp.GradScaler("cpu", init_scale=1024.0)
+    gen = torch.Generator().manual_seed(3)
+    for i in range(8):
+        x = torch.randn(4, 6, generator=gen)
+        for model, opt, scaler in ((ours, opt_a, scaler_a), (theirs, opt_b, scaler_b)):
+            opt.zero_grad()
+            scaler.scale(model(x).pow(2).sum()).backward()
+            if i == 3:  # an overflowing step: both skip it whole
+                next(model.parameters()).grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+        assert scaler_a.get_scale() == scaler_b.get_scale()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert opt_a.state[next(ours.parameters())]["step"] == 7  # the skipped step did not count
+
+
+def test_packed_masks_equal_bool_masks_and_train_identically():
+    gen = torch.Generator().manual_seed(5)
+    shapes = {"w": (37, 70), "b": (70,), "e": (2100,)}
+    new = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    refg = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    refg["b"][:5] = 0.0
+    bools = cpl_masks_once(new, refg)
+    packed = cpl_masks_once(new, refg, packed=True)
+    from_codes = cpl_masks_once(new, {k: ops.pack_signs_(r) for k, r in refg.items()}, packed=True)
+    for k in shapes:
+        assert isinstance(packed[k], PackedMask) and packed[k].shape == bools[k].shape
+        assert torch.equal(packed[k].unpack(), bools[k]) and packed[k].active == int(bools[k].sum())
+        assert torch.equal(packed[k].words, ref.pack_mask(bools[k]))
+        assert torch.equal(packed[k].block_offsets, ref.mask_block_offsets(packed[k].words, bools[k].numel()))
+        assert torch.equal(from_codes[k].words, packed[k].words)
+    init = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    a = {k: torch.nn.Parameter(x.clone()) for k, x in init.items()}
+    b = {k: torch.nn.Parameter(x.clone()) for k, x in init.items()}
+    opt_a = MaskedAdamW([a[k] for k in shapes], masks=[bools[k] for k in shapes], **HYPER)
+    opt_b = MaskedAdamW([b[k] for k in shapes], masks=[packed[k] for k in shapes], **HYPER)
+    assert opt_a.state_bytes() == opt_b.state_bytes()
+    for _ in range(3):
+        for k in shapes:
+            a[k].grad = torch.randn(shapes[k], generator=gen)
+            b[k].grad = a[k].grad.clone()
+        opt_a.step()
+        opt_b.step()
+        assert all(torch.equal(a[k], b[k]) for k in shapes)
+    rnd = random_masks_like(packed, seed=1)
+    assert all(isinstance(rnd[k], PackedMask) and rnd[k].active == packed[k].active for k in shapes)
+    t = torch.nn.Parameter(torch.randn(70, 37).t())  # a transposed parameter: the mask is re-laid out
+    opt_t = MaskedAdamW([t], masks=[packed["w"]])
+    assert opt_t.active_counts() == [packed["w"].active]
+
+
+def test_mean_gradients_is_the_mean_over_batches_and_puts_grads_back():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    unused = torch.nn.Linear(2, 2)
+    model.add_module("unused", unused)
+    batches = [torch.randn(5, 4) for _ in range(3)]
+
+    def loss_fn(m, x):
+        return m[1](m[0](x)).pow(2).mean()
+
+    held = torch.ones(3, 4)
+    model[0].weight.grad = held
+    grads = mean_gradients(model, batches, loss_fn)
+    assert model[0].weight.grad is held  # put back
+    assert grads["unused.weight"] is None
+    for name, p in model.named_parameters():
+        if name.startswith("unused"):
+            continue
+        want = sum(torch.autograd.grad(loss_fn(model, x), p)[0] for x in batches) / len(batches)
+        torch.testing.assert_close(grads[name], want, rtol=1e-6, atol=1e-7)
+    with pytest.raises(TypeError, match=r"mean_gradients: batches must be an iterable of batches"):
+        mean_gradients(model, batches[0], loss_fn)
+    with pytest.raises(ValueError, match=r"mean_gradients: batches yielded no batch"):
+        mean_gradients(model, [], loss_fn)
+    with pytest.raises(ValueError, match=r"mean_gradients: loss_fn must return a scalar loss.*batch 0"):
+        mean_gradients(model, batches, lambda m, x: m[0](x))
+    assert model[0].weight.grad is held  # after an error too

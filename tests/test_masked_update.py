@@ -7,7 +7,7 @@ import weakref
 import pytest
 import torch
 
-from cpl_kernels import MaskedAdamW
+from cpl_kernels import MaskedAdamW, PackedMask
 from cpl_kernels import reference as ref
 from cpl_kernels.optim import _layout, _mask_state
 
@@ -112,6 +112,13 @@ def test_same_mask_changes_nothing_and_packed_words_equal_bools():
     twin.load_state_dict(opt.state_dict())
     opt.update_masks(new)
     twin.update_masks([_mask_state.pack_bool(mem_flat(m, p)) for m, p in zip(new, twin_params)])
+    for p, q in zip(params, twin_params):
+        assert all(torch.equal(opt.state[p][k], twin.state[q][k]) for k in opt.state[p])
+    # PackedMask (row-major bits, as cpl_masks_once(..., packed=True) builds them): the same state,
+    # the transposed parameter's mask re-laid out in its memory order.
+    newer = rand_masks(params, 0.6, seed=7)
+    opt.update_masks(newer)
+    twin.update_masks([PackedMask.from_bool(m) for m in newer])
     for p, q in zip(params, twin_params):
         assert all(torch.equal(opt.state[p][k], twin.state[q][k]) for k in opt.state[p])
 

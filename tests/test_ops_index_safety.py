@@ -19,7 +19,7 @@ from conftest import available_backends, devices
 from cpl_kernels import ops, reference as ref
 
 N = 3000  # three 1024-element blocks, the last partial; 3000 % 32 = 24 bits in the last mask word
-HYPER = (1.0, 1e-2, 0.9, 0.999, 1e-8, 0.01)
+HYPER = (1.0, 1e-2, 0.9, 0.999, 1e-8, 0.01, True, None, None)  # ..., skip_nonfinite, grad_scale, found_inf
 
 BACKENDS = [(d, b) for d in devices() for b in available_backends(d) + ["reference"]]
 
@@ -147,7 +147,7 @@ offsets[0] = -64
 m, v = torch.zeros(n), torch.zeros(n)
 try:
     torch.ops.cpl.masked_adamw_step_(torch.randn(n), torch.randn(n), words, offsets, m, v,
-                                     1.0, 1e-3, 0.9, 0.999, 1e-8, 0.0)
+                                     1.0, 1e-3, 0.9, 0.999, 1e-8, 0.0, True, None, None)
 except ValueError as e:
     print("raised:", e)
 """

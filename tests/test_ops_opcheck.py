@@ -29,8 +29,12 @@ def cases(device):
         "pack_signs_": (p, ops.empty_codes(p)),
         "contribution_stats": (p, g, ops.empty_mask(p)),
         "contribution_stats_codes": (p, codes, None),
+        # Non-finite skip on, GradScaler's scale 2 and found_inf 0.
         "masked_adamw_step_": (p.clone(), g, words, offsets, zeros(active), zeros(active), 1.0, 1e-3,
-                               0.9, 0.999, 1e-8, 0.01),
+                               0.9, 0.999, 1e-8, 0.01, True, torch.tensor(2.0, device=device),
+                               torch.tensor(0.0, device=device)),
+        "cpl_mask_words": (p, g, None, ops.empty_mask(p),
+                           torch.zeros(ref.num_offset_blocks(n), dtype=torch.int64, device=device)),
     }
 
 

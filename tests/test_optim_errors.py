@@ -12,7 +12,7 @@ def named_model():
 
 @pytest.mark.parametrize("cls", [CPLAdamW, CPLAdam, CPLSGD, MaskedAdamW])
 def test_non_finite_gradient_raises_before_any_change(cls):
-    """check_finite="raise" (MaskedAdamW's default): a pre-pass refuses the whole step."""
+    """check_finite="raise": a pre-pass refuses the whole step."""
     model = named_model()
     kw = dict(masks=[torch.ones_like(p, dtype=torch.bool) for p in model.parameters()]) if cls is MaskedAdamW else {}
     opt = cls(model.named_parameters(), lr=0.1, check_finite="raise", **kw)

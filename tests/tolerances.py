@@ -1,7 +1,7 @@
 """Tolerance table (docs/design.md section 4).
 
 The reference spells out its fp32 rounding (cpl_kernels/reference.py docstring: every operation
-correctly rounded on its own, scalars rounded once as csrc/cpu/adam_math.h does, in the C++
+correctly rounded on its own, scalars rounded once as csrc/cpu/directions.h does, in the C++
 kernels' order), and the kernels follow it operation by operation. One rule per backend:
 
 * cpp (C++ CPU kernels, no FMA: csrc/cpu/simd.h): bitwise (torch.equal) for params, exp_avg,

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import reference as ref
+from ..masks import PackedMask
 from . import _layout
 from ._base import local
 
@@ -82,10 +83,18 @@ def local_mask(owner: str, name: str, p: Tensor, mask) -> Tensor:
     mask: a bool tensor shaped like p (for a DTensor p: a DTensor placed like p, whose local shard
     is taken, or a plain full-size tensor, from which this rank's shard is cut without any
     communication), or int32 words already packed in the memory order of p's local shard
-    (reference.pack_mask's layout, reference.num_mask_words(local numel) of them)."""
+    (reference.pack_mask's layout, reference.num_mask_words(local numel) of them), or a
+    cpl_kernels.masks.PackedMask of p's full shape."""
     p_local = local(p)
     n = p_local.numel()
     is_dtensor = hasattr(p, "to_local")
+    if isinstance(mask, PackedMask):
+        if tuple(mask.shape) != tuple(p.shape):
+            raise ValueError(f"{owner}: the mask for parameter {name} has shape {tuple(mask.shape)} but the "
+                             f"parameter has shape {tuple(p.shape)}")
+        # Its words are in row-major order: taken as they are when that is p's memory order, else
+        # unpacked once and repacked in p's order (or cut to this rank's shard).
+        mask = mask.words if not is_dtensor and _layout.dense(p) and p.is_contiguous() else mask.unpack()
     if not isinstance(mask, Tensor):
         raise TypeError(f"{owner}: the mask for parameter {name} must be a bool tensor or int32 packed "
                         f"words, got {type(mask).__name__}")

@@ -34,38 +34,41 @@ class MaskedAdamW(StateOptimizer):
     masks: a sequence aligned with the parameters (over all groups, in order; None = `default`),
     or a mapping keyed by parameter tensor or, when the optimizer is given named parameters, by
     name. A mask is a bool tensor shaped like its parameter; for a DTensor parameter, a DTensor
-    placed like it or the full plain tensor (each rank keeps its shard's part); or int32 words
-    already packed for the (local) tensor. Keys that match no parameter are an error naming them.
+    placed like it or the full plain tensor (each rank keeps its shard's part); int32 words
+    already packed for the (local) tensor; or a cpl_kernels.masks.PackedMask (bits, as
+    cpl_masks_once(..., packed=True) builds them: no bool tensor the size of the parameter).
+    Keys that match no parameter are an error naming them.
     Parameters a mapping leaves out follow `default`: "train" (all elements) or "freeze" (none);
     when `default` is not given they are trained and a warning names them.
     update_masks() changes the masks while training. Checkpoints of DTensor parameters hold each
     rank's compact state and resume on the same world size only (docs/distributed.md).
-    Non-finite gradients raise FloatingPointError before anything is written (check_finite=True).
+    Non-finite gradients (check_finite, as the CPL optimizers): "skip" (default, fused into the
+    step: active elements with a NaN/inf gradient are left untouched, counted, and named in a
+    RuntimeWarning), "raise" (or True: FloatingPointError before anything is written), False.
+    torch.amp.GradScaler's gradients are unscaled inside the step (its fused protocol).
     """
 
     FLOAT_STATE = ("exp_avg", "exp_avg_sq")
     RAW_STATE = (MASK_KEY, OFFSETS_KEY)
-    # Its kernel takes no grad_scale: GradScaler unscales the gradients itself beforehand.
-    _step_supports_amp_scaling = False
+    DEFAULT_FINITE = "skip"
 
     def __init__(self, params: Iterable, masks: Sequence | Mapping, lr: float | Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
-                 fused: bool | None = None, check_finite: bool = True, default: str | None = None) -> None:
+                 fused: bool | None = None, check_finite: bool | str = "skip", default: str | None = None) -> None:
         owner = type(self).__name__
         check_args(owner, amsgrad=amsgrad, foreach=foreach, maximize=maximize, capturable=capturable,
                    differentiable=differentiable, fused=fused)
         check_hyper(owner, lr, eps=eps, betas=betas, weight_decay=weight_decay)
-        if finite_mode(owner, check_finite) == "skip":
-            raise ValueError(f"{owner}: check_finite='skip' is not supported yet (its kernel has no "
-                             "fused non-finite test); use True (raise before writing) or False")
+        finite_mode(owner, check_finite)
         if default is not None and default not in DEFAULTS:
             raise ValueError(f"{owner}: default must be one of {DEFAULTS} or None, got {default!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=False,
                         maximize=False, foreach=foreach, capturable=False, differentiable=False,
                         fused=fused, check_finite=check_finite)
         super().__init__(params, defaults)
+        self._nonfinite: list[tuple[Tensor, Tensor]] = []  # (param, count) of the last step
         params_flat = self._all_params()
         words = self._masks_per_param(owner, params_flat, masks, default)  # all checked first
         for p, w in zip(params_flat, words):
@@ -181,14 +184,43 @@ class MaskedAdamW(StateOptimizer):
             if state["exp_avg"].numel() > 0:  # else nothing trained in this tensor
                 work.append((it, state, step + 1))
 
+        skip = finite_mode(owner, group["check_finite"]) == "skip"
+        grad_scale = self._grad_scale
+
         def run() -> None:
             for it, state, step in work:
-                ops.masked_adamw_step_(it.work_param, it.work_grad, state[MASK_KEY], state[OFFSETS_KEY],
-                                       state["exp_avg"], state["exp_avg_sq"], step, lr, beta1, beta2,
-                                       group["eps"], group["weight_decay"])
+                bad = ops.masked_adamw_step_(it.work_param, it.work_grad, state[MASK_KEY], state[OFFSETS_KEY],
+                                             state["exp_avg"], state["exp_avg_sq"], step, lr, beta1, beta2,
+                                             group["eps"], group["weight_decay"], skip, grad_scale)
                 state["step"] += 1
+                if skip:
+                    self._nonfinite.append((it.param, bad))
 
         return run
+
+    def _begin_step(self) -> None:
+        self._nonfinite = []
+
+    def _end_step(self) -> None:
+        """check_finite="skip": name the parameters whose non-finite gradient elements were left
+        untouched (one host read of the counts; they live on the parameters' devices)."""
+        done = getattr(self, "_nonfinite", [])
+        if not done:
+            return
+        counts = torch.stack([c.to(done[0][1].device) for _, c in done]).tolist()
+        hits = [(self.param_name(p), c) for (p, _), c in zip(done, counts) if c]
+        if hits:
+            listing = ", ".join(f"{name} ({count})" for name, count in hits[:8])
+            more = f" and {len(hits) - 8} more" if len(hits) > 8 else ""
+            warnings.warn(f"{type(self).__name__}.step: non-finite gradient elements were left untouched "
+                          f"(no update, no state change) in {len(hits)} parameter(s): {listing}{more}. "
+                          "check_finite='raise' refuses such steps instead.", RuntimeWarning, stacklevel=5)
+
+    @property
+    def nonfinite_counts(self) -> list[int]:
+        """Per parameter stepped last step (check_finite="skip"), the active elements whose gradient
+        was NaN or inf and that were left untouched."""
+        return [int(c) for _, c in getattr(self, "_nonfinite", [])]
 
     # ---- checkpoints -----------------------------------------------------------------------------
 

@@ -6,8 +6,9 @@ cpl_kernels.ops imports this package lazily (only when the Triton backend serves
 missing triton raises ImportError here and never breaks `import cpl_kernels`.
 On CPU the kernels run under TRITON_INTERPRET=1 (the tests do this with small shapes).
 """
-from .masked import masked_adamw_step_
+from .masked import cpl_mask_words, masked_adamw_step_
 from .pack import pack_signs_
 from .stats import contribution_stats, contribution_stats_codes
 
-__all__ = ["pack_signs_", "contribution_stats", "contribution_stats_codes", "masked_adamw_step_"]
+__all__ = ["pack_signs_", "contribution_stats", "contribution_stats_codes", "masked_adamw_step_",
+           "cpl_mask_words"]

@@ -41,20 +41,6 @@ def exact_fp(device: torch.device) -> dict:
 
 
 @triton.jit
-def adam_state(g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2):
-    """m*b1 + (1-b1)*g and v*b2 + ((1-b2)*g)*g, each product and sum rounded on its own, in the
-    reference's order (reference._adam_direction; needs exact_fp() at launch)."""
-    return m * beta1 + one_minus_beta1 * g, v * beta2 + (one_minus_beta2 * g) * g
-
-
-@triton.jit
-def adam_direction(m, v, bc1, bc2_sqrt, eps):
-    """mhat / (sqrt(vhat) + eps) in the reference's operation order, correctly rounded (the GPU
-    defaults for sqrt and / are approximate)."""
-    return tl.math.div_rn(tl.math.div_rn(m, bc1), tl.math.div_rn(tl.math.sqrt_rn(v), bc2_sqrt) + eps)
-
-
-@triton.jit
 def _bf16_rtne(x):
     """fp32 -> bf16 rounded to nearest even in integer arithmetic. Only for the interpreter,
     whose own fp32 -> bf16 cast truncates (a full ulp off torch's .to(torch.bfloat16))."""

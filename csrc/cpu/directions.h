@@ -47,7 +47,7 @@ struct AdamScalars {
 };
 
 // hyper: beta1, beta2, eps, weight_decay. Bias corrections in double, then every scalar rounded once
-// to fp32 (reference_step.scalars; adam_math.h make_adam_hyper).
+// to fp32 (reference_step.scalars).
 inline AdamScalars adam_scalars(const double* h, double step, double lr) {
   return AdamScalars{static_cast<float>(lr),
                      static_cast<float>(h[0]),

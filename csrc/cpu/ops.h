@@ -19,10 +19,13 @@ std::tuple<at::Tensor, at::Tensor> contribution_stats(const at::Tensor& a, const
                                                       const std::optional<at::Tensor>& mask_out);
 std::tuple<at::Tensor, at::Tensor> contribution_stats_codes(const at::Tensor& a, const at::Tensor& codes,
                                                             const std::optional<at::Tensor>& mask_out);
-void masked_adamw_step_(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& mask_words,
-                        const at::Tensor& block_offsets, const at::Tensor& exp_avg,
-                        const at::Tensor& exp_avg_sq, double step, double lr, double beta1,
-                        double beta2, double eps, double weight_decay);
+at::Tensor masked_adamw_step_(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& mask_words,
+                              const at::Tensor& block_offsets, const at::Tensor& exp_avg,
+                              const at::Tensor& exp_avg_sq, double step, double lr, double beta1, double beta2,
+                              double eps, double weight_decay, bool skip_nonfinite,
+                              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
+at::Tensor cpl_mask_words(const at::Tensor& a, const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& codes,
+                          const at::Tensor& mask_out, const std::optional<at::Tensor>& block_offsets_out);
 }  // namespace cpu
 }  // namespace cpl
 

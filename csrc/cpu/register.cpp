@@ -9,4 +9,5 @@ TORCH_LIBRARY_IMPL(cpl, CPU, m) {
   m.impl("contribution_stats", &cpl::cpu::contribution_stats);
   m.impl("contribution_stats_codes", &cpl::cpu::contribution_stats_codes);
   m.impl("masked_adamw_step_", &cpl::cpu::masked_adamw_step_);
+  m.impl("cpl_mask_words", &cpl::cpu::cpl_mask_words);
 }

@@ -31,13 +31,6 @@ struct StatsParams {
   double* sums;                // [pos_sum, neg_sum], zeroed by the caller; kernels add
 };
 
-// Scalars of one compact-state AdamW step, fp32 as the reference applies them.
-struct AdamHyper {
-  float lr, beta1, beta2, eps, weight_decay;
-  float one_minus_beta1, one_minus_beta2;  // computed in double, then rounded (as torch's alpha)
-  float bias_correction1, bias_correction2_sqrt;  // 1 - beta1^t, sqrt(1 - beta2^t) (host, double)
-};
-
 struct MaskedAdamWParams {
   void* param;
   const void* grad;
@@ -48,7 +41,14 @@ struct MaskedAdamWParams {
   int64_t state_len;             // entries of exp_avg and exp_avg_sq
   DType dtype;
   int64_t numel;
-  AdamHyper hyper;  // decoupled decay always applied
+  // The engine's AdamW (directions.cuh AdamDirection<true>): beta1, beta2, eps, weight_decay,
+  // then step (counts from 1) and lr, all host values (the op takes them as floats).
+  double hyper[4];
+  double step, lr;
+  bool skip_nonfinite;           // NaN/inf gradient elements left untouched and counted
+  const float* grad_scale;       // device scalar (gradients are divided by it), or null
+  const int32_t* found_inf;      // device flag: nonzero skips the whole step, or null
+  unsigned long long* nonfinite;  // device counter, zeroed by the caller
   // Device word written by launch_masked_adamw_validate and read first by the step kernel:
   // kMaskedStateOk, or the code of the first violation of the compact-state invariant.
   unsigned long long* error;
@@ -64,6 +64,18 @@ cudaError_t launch_contribution_stats(const StatsParams& p, cudaStream_t stream)
 // Sets *p.error (no host sync): launch it before launch_masked_adamw_step on the same stream.
 cudaError_t launch_masked_adamw_validate(const MaskedAdamWParams& p, cudaStream_t stream);
 cudaError_t launch_masked_adamw_step(const MaskedAdamWParams& p, cudaStream_t stream);
+
+// cpl_mask_words (mask_words.cu): the CPL mask of a against b (or b's sign codes) as bits.
+struct MaskWordsParams {
+  const void* a;             // numel elements of dtype
+  const void* b;             // numel elements of dtype, or null when b_codes is given
+  const int32_t* b_codes;    // packed sign codes of b, or null
+  DType dtype;
+  int32_t* mask_out;         // ceil(numel / 32) words
+  int64_t* block_counts;     // ceil(numel / 1024): the set bits of each 1024-element block
+  int64_t numel;
+};
+cudaError_t launch_mask_words(const MaskWordsParams& p, cudaStream_t stream);
 
 // ---- the step engine (cpl::cpl_step_; engine.cuh, directions.cuh, step_engine.cu) ----------
 

@@ -1,14 +1,17 @@
 // masked_adamw_step_: AdamW on active elements with compact m, v. One 1024-thread block per
 // 1024-element offset block; warp k of the block owns exactly mask word k of the block, so an
 // element's compact index is block_offsets[block] + (active elements in earlier warps, a scan
-// over 32 popcounts) + popc(word & lanes below it).
+// over 32 popcounts) + popc(word & lanes below it). Each active element takes the step engine's
+// rule (engine.cuh rule_element: unscale, non-finite skip and count) around the AdamW direction
+// (directions.cuh), the CPL optimizers' own arithmetic; the non-finite count is one
+// __syncthreads_count and one atomicAdd per block.
 //
 // Index safety (docs/design.md section 3): masked_validate_kernel checks the compact-state
 // invariant and writes *prm.error; the step kernel reads that word first and writes nothing when
 // it is set, and it also never dereferences a compact index outside [0, state_len) (a guard
 // that costs one compare per active element). The torch glue (register.cpp) launches validate
 // then step, and raises from one host read of the error word.
-#include "step_math.cuh"
+#include "engine.cuh"
 
 namespace cpl_cuda {
 namespace {
@@ -51,10 +54,13 @@ __global__ void masked_validate_kernel(MaskedAdamWParams prm) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kOffsetBlock) masked_adamw_kernel(MaskedAdamWParams prm, AdamElementConsts k) {
-  // Written by masked_validate_kernel earlier on this stream; the same for every thread, so the
-  // whole grid returns before the barrier below.
+__global__ void __launch_bounds__(kOffsetBlock)
+    masked_adamw_kernel(MaskedAdamWParams prm, AdamDirection<true> d, RuleConsts k) {
+  // Written by masked_validate_kernel earlier on this stream; the same for every thread, as is
+  // found_inf, so the whole grid returns before the barriers below.
   if (__ldg(prm.error) != kMaskedStateOk) return;
+  if (prm.found_inf != nullptr && __ldg(prm.found_inf) != 0) return;  // GradScaler: nothing written
+  if (k.has_scale) k.scale = __ldg(prm.grad_scale);
   __shared__ int warp_prefix[kOffsetBlock / kWarp];
   T* param = static_cast<T*>(prm.param);
   const T* grad = static_cast<const T*>(prm.grad);
@@ -77,22 +83,22 @@ __global__ void __launch_bounds__(kOffsetBlock) masked_adamw_kernel(MaskedAdamWP
     warp_prefix[lane] = incl - own;
   }
   __syncthreads();
-  const bool active = i < n && ((word >> lane) & 1u);
-  if (!active) return;
-  const int64_t idx = __ldg(prm.block_offsets + block) + warp_prefix[warp] + __popc(word & ((1u << lane) - 1u));
-  if (idx < 0 || idx >= prm.state_len) return;  // unreachable after validation; never dereferenced
-  float p = to_f32<T>(param[i]);
-  const float g = to_f32<T>(grad[i]);
-  float m = prm.exp_avg[idx], v = prm.exp_avg_sq[idx];
-  // The reference always adds wd * p here (even wd == 0), and never freezes an active element.
-  // Operation order and rounding: adam_update_state and adam_direction_of (step_math.cuh).
-  adam_update_state(g, m, v, k);
-  float u = adam_direction_of(m, v, k);
-  u = __fadd_rn(u, __fmul_rn(k.wd, p));
-  p = __fsub_rn(p, __fmul_rn(k.lr, u));
-  prm.exp_avg[idx] = m;
-  prm.exp_avg_sq[idx] = v;
-  param[i] = from_f32<T>(p);
+  unsigned conflicting = 0, bad = 0;  // conflicting stays 0: no reference
+  if (i < n && ((word >> lane) & 1u)) {
+    const int64_t idx = __ldg(prm.block_offsets + block) + warp_prefix[warp] + __popc(word & ((1u << lane) - 1u));
+    if (idx >= 0 && idx < prm.state_len) {  // always, after validation; never dereferenced otherwise
+      float p = to_f32<T>(param[i]);
+      float m = prm.exp_avg[idx], v = prm.exp_avg_sq[idx];
+      rule_element(p, to_f32<T>(grad[i]), m, v, 0, d, k, conflicting, bad);
+      if (!bad) {  // a non-finite gradient leaves p, m and v as they were
+        prm.exp_avg[idx] = m;
+        prm.exp_avg_sq[idx] = v;
+        param[i] = from_f32<T>(p);
+      }
+    }
+  }
+  const int block_bad = __syncthreads_count(bad);
+  if (threadIdx.x == 0 && block_bad) atomicAdd(prm.nonfinite, static_cast<unsigned long long>(block_bad));
 }
 
 }  // namespace
@@ -110,12 +116,23 @@ cudaError_t launch_masked_adamw_validate(const MaskedAdamWParams& p, cudaStream_
 
 cudaError_t launch_masked_adamw_step(const MaskedAdamWParams& p, cudaStream_t stream) {
   if (p.numel == 0) return cudaSuccess;
-  const AdamElementConsts k = make_adam_consts(p.hyper);
+  // The scalars as the engine and the reference derive them (reference_step.scalars): the bias
+  // corrections in double on the host, then rounded once.
+  AdamDirection<true> d = AdamDirection<true>::make(p.hyper);
+  d.bc1 = static_cast<float>(1.0 - std::pow(p.hyper[0], p.step));
+  d.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(p.hyper[1], p.step)));
+  RuleConsts k;
+  k.lr = static_cast<float>(p.lr);
+  k.has_scale = p.grad_scale != nullptr;
+  k.scale = 1.f;  // read on the device
+  k.skip_nonfinite = p.skip_nonfinite;
+  k.update_criterion = true;  // no reference: every element collaborative
+  k.strict = true;
   const int64_t blocks = (p.numel + kOffsetBlock - 1) / kOffsetBlock;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    masked_adamw_kernel<T><<<static_cast<unsigned>(blocks), kOffsetBlock, 0, stream>>>(p, k);
+    masked_adamw_kernel<T><<<static_cast<unsigned>(blocks), kOffsetBlock, 0, stream>>>(p, d, k);
     CPL_RETURN_IF_LAUNCH_FAILED();
     return cudaSuccess;
   });

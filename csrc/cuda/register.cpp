@@ -69,22 +69,6 @@ void check_param_grad(const Tensor& param, const Tensor& grad, const char* op) {
   check_tensor(grad, param, op, "grad", param.scalar_type(), param.numel());
 }
 
-cpl_cuda::AdamHyper adam_hyper(double step, double lr, double beta1, double beta2, double eps,
-                               double weight_decay) {
-  cpl_cuda::AdamHyper h;
-  h.lr = static_cast<float>(lr);
-  h.beta1 = static_cast<float>(beta1);
-  h.beta2 = static_cast<float>(beta2);
-  h.one_minus_beta1 = static_cast<float>(1.0 - beta1);
-  h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  h.eps = static_cast<float>(eps);
-  h.weight_decay = static_cast<float>(weight_decay);
-  // In double, as the reference computes them in Python, then rounded once.
-  h.bias_correction1 = static_cast<float>(1.0 - std::pow(beta1, step));
-  h.bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step)));
-  return h;
-}
-
 void pack_signs_cuda(const Tensor& src, const Tensor& codes) {
   const char* op = "pack_signs_";
   check_cuda(src, src, op, "src");
@@ -127,9 +111,10 @@ std::tuple<Tensor, Tensor> contribution_stats_codes_cuda(const Tensor& a, const 
   return stats_cuda(a, nullptr, &codes, mask_out, "contribution_stats_codes");
 }
 
-void masked_adamw_step_cuda(const Tensor& param, const Tensor& grad, const Tensor& mask, const Tensor& block_offsets,
-                            const Tensor& exp_avg, const Tensor& exp_avg_sq, double step, double lr, double beta1,
-                            double beta2, double eps, double weight_decay) {
+Tensor masked_adamw_step_cuda(const Tensor& param, const Tensor& grad, const Tensor& mask, const Tensor& block_offsets,
+                              const Tensor& exp_avg, const Tensor& exp_avg_sq, double step, double lr, double beta1,
+                              double beta2, double eps, double weight_decay, bool skip_nonfinite,
+                              const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf) {
   const char* op = "masked_adamw_step_";
   check_param_grad(param, grad, op);
   const int64_t n = param.numel();
@@ -138,10 +123,26 @@ void masked_adamw_step_cuda(const Tensor& param, const Tensor& grad, const Tenso
   const int64_t state_len = exp_avg.numel();
   check_tensor(exp_avg, param, op, "exp_avg", at::kFloat, state_len);
   check_tensor(exp_avg_sq, param, op, "exp_avg_sq", at::kFloat, state_len);
-  TORCH_CHECK(step >= 1, "cpl.", op, ": argument 'step' counts from 1, got ", step);
+  TORCH_CHECK_VALUE(std::isfinite(step) && step >= 1, "cpl.", op, ": argument 'step' counts from 1, got ", step);
+  TORCH_CHECK_VALUE(std::isfinite(lr) && lr >= 0, "cpl.", op, ": argument 'lr' must be a finite number >= 0, got ", lr);
+  // GradScaler's scalars stay on the device (no sync): fp32 scale, found_inf as an int32 flag.
+  Tensor scale, found;
+  if (grad_scale.has_value() && grad_scale->defined()) {
+    TORCH_CHECK_VALUE(grad_scale->numel() == 1 && grad_scale->is_floating_point(), "cpl.", op,
+                      ": argument 'grad_scale' must be a one-element floating-point tensor");
+    check_cuda(*grad_scale, param, op, "grad_scale");
+    scale = grad_scale->reshape({1}).to(at::kFloat);
+  }
+  if (found_inf.has_value() && found_inf->defined()) {
+    TORCH_CHECK_VALUE(found_inf->numel() == 1 && found_inf->is_floating_point(), "cpl.", op,
+                      ": argument 'found_inf' must be a one-element floating-point tensor");
+    check_cuda(*found_inf, param, op, "found_inf");
+    found = found_inf->reshape({1}).ne(0).to(at::kInt);
+  }
+  Tensor nonfinite = at::zeros({}, param.options().dtype(at::kLong));
   if (n == 0) {  // no blocks to check on the device: only state_len == 0 can be valid
     cpl::cpu::check_compact_state(mask.cpu(), block_offsets.cpu(), n, state_len, op);
-    return;
+    return nonfinite;
   }
   const c10::cuda::CUDAGuard guard(param.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -156,7 +157,16 @@ void masked_adamw_step_cuda(const Tensor& param, const Tensor& grad, const Tenso
   p.state_len = state_len;
   p.dtype = param_dtype(param, op, "param");
   p.numel = n;
-  p.hyper = adam_hyper(step, lr, beta1, beta2, eps, weight_decay);
+  p.hyper[0] = beta1;
+  p.hyper[1] = beta2;
+  p.hyper[2] = eps;
+  p.hyper[3] = weight_decay;
+  p.step = step;
+  p.lr = lr;
+  p.skip_nonfinite = skip_nonfinite;
+  p.grad_scale = scale.defined() ? scale.data_ptr<float>() : nullptr;
+  p.found_inf = found.defined() ? found.data_ptr<int32_t>() : nullptr;
+  p.nonfinite = reinterpret_cast<unsigned long long*>(nonfinite.data_ptr<int64_t>());
   p.error = reinterpret_cast<unsigned long long*>(error.data_ptr<int64_t>());
   // Validate, then step: the step kernel reads the error word first and writes nothing when it is
   // set, so a bad compact state leaves param, exp_avg and exp_avg_sq untouched.
@@ -176,6 +186,39 @@ void masked_adamw_step_cuda(const Tensor& param, const Tensor& grad, const Tenso
     TORCH_CHECK_VALUE(false, "cpl.", op, ": the compact state (mask_words, block_offsets, exp_avg) is inconsistent "
                       "(device check code ", code, ")");
   }
+  return nonfinite;
+}
+
+Tensor cpl_mask_words_cuda(const Tensor& a, const std::optional<Tensor>& b, const std::optional<Tensor>& codes,
+                           const Tensor& mask_out, const std::optional<Tensor>& block_offsets_out) {
+  const char* op = "cpl_mask_words";
+  check_cuda(a, a, op, "a");
+  const auto dtype = param_dtype(a, op, "a");
+  const int64_t n = a.numel();
+  const bool has_b = b.has_value() && b->defined(), has_codes = codes.has_value() && codes->defined();
+  TORCH_CHECK_VALUE(has_b != has_codes, "cpl.", op, ": pass exactly one of 'b' and 'codes', got ",
+                    has_b ? "both" : "neither");
+  if (has_b) check_tensor(*b, a, op, "b", a.scalar_type(), n);
+  if (has_codes) check_tensor(*codes, a, op, "codes", at::kInt, code_words(n));
+  check_tensor(mask_out, a, op, "mask_out", at::kInt, mask_words(n));
+  const int64_t blocks = (n + 1023) / 1024;
+  const bool has_offsets = block_offsets_out.has_value() && block_offsets_out->defined();
+  if (has_offsets) check_tensor(*block_offsets_out, a, op, "block_offsets_out", at::kLong, blocks);
+  const c10::cuda::CUDAGuard guard(a.device());
+  // Per-block popcounts (one int64 per 1024 elements), scanned below into the offsets.
+  Tensor counts = has_offsets ? *block_offsets_out : at::empty({blocks}, a.options().dtype(at::kLong));
+  cpl_cuda::MaskWordsParams p;
+  p.a = a.data_ptr();
+  p.b = has_b ? b->data_ptr() : nullptr;
+  p.b_codes = has_codes ? codes->data_ptr<int32_t>() : nullptr;
+  p.dtype = dtype;
+  p.mask_out = mask_out.data_ptr<int32_t>();
+  p.block_counts = counts.data_ptr<int64_t>();
+  p.numel = n;
+  check_launch(cpl_cuda::launch_mask_words(p, c10::cuda::getCurrentCUDAStream()), op);
+  Tensor total = counts.sum();
+  if (has_offsets) counts.copy_(at::cumsum(counts, 0) - counts);  // exclusive prefix sums, in place
+  return total;
 }
 
 // ---- list ops: validation and dtype groups -----------------------------------------------
@@ -334,5 +377,6 @@ TORCH_LIBRARY_IMPL(cpl, CUDA, m) {
   m.impl("contribution_stats", &contribution_stats_cuda);
   m.impl("contribution_stats_codes", &contribution_stats_codes_cuda);
   m.impl("masked_adamw_step_", &masked_adamw_step_cuda);
+  m.impl("cpl_mask_words", &cpl_mask_words_cuda);
   m.impl("cpl_step_", &cpl_step_cuda);
 }
