@@ -551,7 +551,7 @@ def test_nonfinite_skip_warns_by_name_and_counts_as_step_does():
 
 def test_masked_adamw_nonfinite_raise_names_the_parameter():
     model = make_net()
-    opt = OPTIMIZERS["masked"](model)
+    opt = MaskedAdamW(named(model), masks=masks_for(model), lr=0.05, check_finite="raise")  # default: "skip"
     handle = nan_at(model, "tied")
     with in_backward(opt):
         with pytest.raises(FloatingPointError, match="'tied' holds NaN or inf"):
