@@ -36,7 +36,7 @@ def test_native_kernel_rejects_too_small_compact_state_without_writing_past_it()
     offsets = ref.mask_block_offsets(words, 100)
     with pytest.raises(ValueError, match="'exp_avg' has 10 entries but the mask has 100 active elements"):
         torch.ops.cpl.masked_adamw_step_(p, g, words, offsets, torch.zeros(10), torch.zeros(10),
-                                         1.0, 1e-3, 0.9, 0.999, 1e-8, 0.0)
+                                         1.0, 1e-3, 0.9, 0.999, 1e-8, 0.0, True, None, None)
 
 
 def test_forced_backend_that_cannot_serve_is_an_error(monkeypatch):
