@@ -225,3 +225,23 @@ def test_tracks_fp32_adamw_loss_curve():
     final_a = torch.nn.functional.mse_loss(a(X), Y).item()
     final_b = torch.nn.functional.mse_loss(b(X), Y).item()
     assert abs(final_a - final_b) <= 0.02 * final_b
+
+
+def test_lab_optimizer_adamw8bit():
+    """`cpl inject --optimizer adamw8bit`: CPL with CPLAdamW8bit, the baselines with it and no
+    reference; static masks (MaskedAdamW, fp32 state) refuse it by name."""
+    from cpl_lab import optimizers
+    from cpl_lab.config import LabConfig
+    cfg = LabConfig(optimizer="adamw8bit").validate()
+    p = [torch.nn.Parameter(torch.randn(64, 128))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "no reference" warning from the plain optimizer
+        plain = optimizers.plain(p, 1e-3, cfg)
+        p[0].grad = torch.randn(64, 128)
+        plain.step()
+    assert type(plain) is CPLAdamW8bit and not plain.has_reference
+    assert "exp_avg_codes" in plain.state[p[0]]
+    cpl = optimizers.cpl(p, 1e-3, cfg)
+    assert type(cpl) is CPLAdamW8bit and cpl.param_groups[0]["criterion"] == cfg.criterion
+    with pytest.raises(ValueError, match="adamw8bit"):
+        optimizers.masked(p, [torch.ones(64, 128, dtype=torch.bool)], 1e-3, cfg)
