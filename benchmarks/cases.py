@@ -7,6 +7,9 @@ move, not what an implementation happens to move):
   CPL AdamW bf16 params 22.25  p, g 2 B each (p read + write), m, v fp32, codes
   CPL SGD momentum      20.25  read p, g, buf; write p, buf; codes (torch SGD momentum: 20)
   CPL Lion              20.25  read p, g, m; write p, m; codes
+  CPL AdamW 8-bit       16.31  read p, g (4 B each), m, v codes (1 B each), absmax (2 x 4/256), codes;
+                               write p, m, v codes, absmax (tensors < 4096 elements: fp32 state, 28.25)
+  torchao AdamW8bit     16.06  the same without the sign codes
   paper-style eager     32     AdamW's 28 + the fp32 reference read (its real traffic is higher:
                                temporaries; that is the point of the comparison)
   MaskedAdamW           12 * L + 16 * f + 0.133, L = fraction of 64-byte lines of p holding an
@@ -27,7 +30,7 @@ import torch
 
 import cpl_kernels
 from cpl_kernels import ops
-from cpl_kernels.optim import CPLAdam, CPLAdamW, CPLLion, CPLSGD, MaskedAdamW, state_bytes
+from cpl_kernels.optim import CPLAdam, CPLAdamW, CPLAdamW8bit, CPLLion, CPLSGD, MaskedAdamW, state_bytes
 
 from .common import Case, clone_params, lines_touched, make_params, reference_grads
 from .paper_style import PaperStyleCPLAdamW
@@ -62,12 +65,34 @@ def _stepper(opt, backend_name: str | None = None):
     return run
 
 
+def state_bytes_torchao(opt) -> int:
+    """torchao keeps 8-bit state in tensor subclasses: count their codes and scales."""
+    total = 0
+    for st in opt.state.values():
+        for v in st.values():
+            if hasattr(v, "codes"):
+                total += v.codes.numel() * v.codes.element_size() + v.scale.numel() * v.scale.element_size()
+            elif isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size()
+    return total
+
+
 def torch_cases(base) -> list[Case]:
     n = _numel(base)
     out = []
     for kind in ("fused", "foreach"):
         opt = torch.optim.AdamW(clone_params(base), lr=1e-3, **{kind: True})
         out.append(Case(f"torch AdamW {kind}=True", "adamw", _stepper(opt), 28.0, state_bytes(opt) / n, n))
+    try:
+        from torchao.optim import AdamW8bit  # a test dependency (requirements.txt); optional here
+    except ImportError:
+        AdamW8bit = None
+    if AdamW8bit is not None:
+        # torchao compiles its per-parameter step with torch.compile (inductor C++ on CPU): the
+        # first step compiles one graph per distinct shape, then the timed steps run compiled.
+        opt = AdamW8bit(clone_params(base), lr=1e-3)
+        out.append(Case("torchao AdamW8bit", "adamw", _stepper(opt), 16.06, state_bytes_torchao(opt) / n, n,
+                        note="torch.compile'd, 8-bit state from 4096 elements"))
     for kind in ("fused", "foreach"):  # CPLSGD's target is the faster of these two
         opt = torch.optim.SGD(clone_params(base), lr=1e-3, momentum=0.9, **{kind: True})
         out.append(Case(f"torch SGD momentum {kind}=True", "sgd", _stepper(opt), 20.0, state_bytes(opt) / n, n))
@@ -99,6 +124,12 @@ def cpl_cases(base, refs, with_reference_backend: bool) -> list[Case]:
         p.grad = q.grad.to(torch.bfloat16)
     cpl("CPLAdamW cpp bf16 params", CPLAdamW, bf16, 22.25, note="fp32 state")
     cpl("CPLAdam cpp fp32", CPLAdam, clone_params(base), 28.25)
+    cpl("CPLAdamW8bit cpp fp32", CPLAdamW8bit, clone_params(base), 16.31,
+        note="8-bit blockwise m, v (fp32 below 4096 elements), reference set")
+    nr8 = CPLAdamW8bit(clone_params(base))
+    nr8.clear_reference()
+    out.append(Case("CPLAdamW8bit cpp fp32, no reference", "cpl", _stepper(nr8), 16.06, nr8.state_bytes() / n, n,
+                    note="the 8-bit AdamW step through the engine"))
     cpl("CPLSGD momentum cpp fp32", CPLSGD, clone_params(base), 20.25, lr=1e-3, momentum=0.9)
     cpl("CPLLion cpp fp32", CPLLion, clone_params(base), 20.25, lr=1e-4)
     if with_reference_backend:

@@ -161,5 +161,11 @@ def _register_fakes() -> None:
             device = params[0].device if params else None
             return torch.empty((2, len(params)), dtype=torch.int64, device=device)
 
+    if hasattr(torch.ops.cpl, "cpl_step_8bit_"):
+        @torch.library.register_fake("cpl::cpl_step_8bit_")
+        def _(params, *args):
+            device = params[0].device if params else None
+            return torch.empty((2, len(params)), dtype=torch.int64, device=device)
+
 
 _register_fakes()

@@ -177,3 +177,30 @@ def cpl_step_(params: Sequence[Tensor], grads: Sequence[Tensor], state1: Sequenc
                                            criterion, strict, skip_nonfinite, scale)
         out[0, i], out[1, i] = conflicting, nonfinite
     return out
+
+
+def cpl_step_8bit_(params: Sequence[Tensor], grads: Sequence[Tensor], state1: Sequence[Tensor],
+                   absmax1: Sequence[Tensor], state2: Sequence[Tensor], absmax2: Sequence[Tensor],
+                   qmaps: Tensor, codes: Sequence[Tensor | None], kind: str, step, lr,
+                   hyper: Sequence[float], criterion: str, strict: bool, skip_nonfinite: bool,
+                   grad_scale: Tensor | None, found_inf: Tensor | None) -> Tensor:
+    """The reference of cpl::cpl_step_8bit_: cpl_step_ on 8-bit blockwise state (cpl_kernels/
+    quant8.py). Per parameter: dequantize each slot to fp32 (qmaps[k, 0][code] * absmax), run the
+    rule above on those values (state of non-finite elements keeps its dequantized value), then
+    requantize each slot block by block (quant8.quantize_). found_inf: nothing is written, codes
+    and absmax included. Inputs are validated by the caller."""
+    from . import quant8
+
+    n = len(params)
+    if n == 0 or (found_inf is not None and _host(found_inf) != 0):
+        return torch.zeros(2, n, dtype=torch.int64)
+    used = 2 if len(state2) else (1 if len(state1) else 0)
+    slots = [(state1, absmax1, qmaps[0, 0]), (state2, absmax2, qmaps[1, 0])][:used]
+    fp32 = [[quant8.dequantize(q[i], a[i], m) for i in range(n)] for q, a, m in slots]
+    fp32 += [[]] * (2 - used)
+    out = cpl_step_(params, grads, fp32[0], fp32[1], codes, kind, step, lr, hyper, criterion, strict,
+                    skip_nonfinite, grad_scale, None)
+    for (q, a, m), values in zip(slots, fp32):
+        for i in range(n):
+            quant8.quantize_(values[i], q[i], a[i], m)
+    return out

@@ -22,6 +22,14 @@ TORCH_LIBRARY(cpl, m) {
       "cpl_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] state2, "
       "Tensor?[] codes, str kind, Tensor step, Tensor lr, float[] hyper, str criterion, bool strict, "
       "bool skip_nonfinite, Tensor? grad_scale, Tensor? found_inf) -> Tensor");
+  // The step engine with 8-bit blockwise state (docs/design.md section 8; cpl_kernels/quant8.py):
+  // state1/state2 uint8 codes (one per element), absmax1/absmax2 fp32 (one per 256 elements),
+  // qmaps fp32 [2 slots][map values, thresholds][256]. Otherwise as cpl_step_.
+  m.def(
+      "cpl_step_8bit_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] absmax1, "
+      "Tensor(d!)[] state2, Tensor(e!)[] absmax2, Tensor qmaps, Tensor?[] codes, str kind, Tensor step, "
+      "Tensor lr, float[] hyper, str criterion, bool strict, bool skip_nonfinite, Tensor? grad_scale, "
+      "Tensor? found_inf) -> Tensor");
   m.def("pack_signs_(Tensor src, Tensor(a!) codes) -> ()");
   m.def("contribution_stats(Tensor a, Tensor b, Tensor(a!)? mask_out) -> (Tensor, Tensor)");
   m.def("contribution_stats_codes(Tensor a, Tensor codes, Tensor(a!)? mask_out) -> (Tensor, Tensor)");

@@ -100,6 +100,9 @@ def test_cuda_engine_ptx_has_no_contractible_fp32_math(tmp_path):
     entries = re.split(r"\n(?=\.visible \.entry|\.entry|\.weak \.entry)", text)
     engine = [e for e in entries if "step_engine_kernel" in e.split("(", 1)[0]]
     assert len(engine) == 3 * len(kinds.KINDS), "one kernel per kind and param dtype"
+    engine8 = [e for e in entries if "step_engine_8bit_kernel" in e.split("(", 1)[0]]
+    assert len(engine8) == 3 * len(kinds.KINDS), "one 8-bit state kernel per kind and param dtype"
+    engine += engine8
     for body in engine:
         name = body.split("(", 1)[0].split()[-1]
         assert not re.search(r"\bfma\.rn\.f32\b|\bfma\.f32\b", body), f"{name}: an fp32 FMA"
@@ -121,14 +124,15 @@ from cpl_kernels.triton.directions import constexprs
 
 hypers = json.loads(sys.argv[1])
 fn = st._step_kernel
-pointer_types = {"table_ptr": "*i64", "partial_ptr": "*i64", "found_ptr": "*i32", "scale_ptr": "*fp32"}
+pointer_types = {"table_ptr": "*i64", "partial_ptr": "*i64", "found_ptr": "*i32", "scale_ptr": "*fp32",
+                 "qmap_ptr": "*fp32"}
 out = {}
-for kind, hyper in hypers.items():
+for kind, hyper, format8 in [(k, h, f) for k, h in hypers.items() for f in (False, True)]:
     k = kinds.KINDS[kind]
     s = reference_step.scalars(k, 3.0, 0.05, dict(zip(k.hyper, hyper)))
     cx = dict(DTYPE=tl.float32, TABLE=st.TABLE_TENSORS, BLOCK_WORDS=st.STEP_BLOCK_WORDS, ALIGNED=True,
               HAS_CODES=True, CRITERION_UPDATE=True, STRICT=True, SKIP_NONFINITE=True, HAS_SCALE=False,
-              HAS_FOUND_INF=True, **constexprs(kind, s, kinds.state_slots(k, hyper)))
+              HAS_FOUND_INF=True, FORMAT8=format8, **constexprs(kind, s, kinds.state_slots(k, hyper)))
     sig = {a: "constexpr" if a in cx else pointer_types.get(a, "i64" if a in ("program_base", "total_programs") else "fp32")
            for a in fn.arg_names}
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in pointer_types}
@@ -136,7 +140,7 @@ for kind, hyper in hypers.items():
     options = dict(enable_fp_fusion=False, enable_reflect_ftz=False, num_warps=4)
     ptx = triton.compile(ASTSource(fn, sig, constexprs=cx, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                          options=options).asm["ptx"]
-    out[kind] = {name: len(re.findall(pat, ptx)) for name, pat in [
+    out[kind + ("/8bit" if format8 else "")] = {name: len(re.findall(pat, ptx)) for name, pat in [
         ("fma", r"\bfma\.[a-z]*\.?f32"), ("unrounded", r"\b(mul|add|sub)\.f32\b"),
         ("approx", r"\.approx\.|div\.full"), ("ftz", r"\.ftz\b"),
         ("ld_v4", r"ld\.global(\.[a-z]+)*\.v4"), ("st_v4", r"st\.global(\.[a-z]+)*\.v4")]}
@@ -152,7 +156,7 @@ def test_triton_engine_compiles_for_sm90_without_fma():
                           text=True, timeout=900, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(counts) == set(kinds.KINDS)
+    assert set(counts) == set(kinds.KINDS) | {k + "/8bit" for k in kinds.KINDS}  # fp32 and 8-bit state
     for kind, c in counts.items():
         assert c["fma"] == 0 and c["unrounded"] == 0, (kind, c)
         assert c["approx"] == 0 and c["ftz"] == 0, (kind, c)

@@ -3,7 +3,7 @@ annotations), fake/meta implementations, autograd registration, AOT dispatch."""
 import pytest
 import torch
 
-from cpl_kernels import _backend, ops, reference as ref
+from cpl_kernels import _backend, ops, quant8, reference as ref
 
 pytestmark = pytest.mark.skipif(not _backend.native_loaded(), reason="native library not built")
 
@@ -20,12 +20,17 @@ def cases(device):
     words = ref.pack_mask(torch.rand(n, generator=gen) < 0.3).to(device)
     offsets = ref.mask_block_offsets(words.cpu(), n).to(device)
     active = int(ref.unpack_mask(words.cpu(), n).sum())
+    q8 = lambda: torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8).to(device)  # noqa: E731
     scalar = lambda x: torch.tensor(x, dtype=torch.float64, device=device)  # noqa: E731
     return {
         # The step engine: two entries (codes / none), AdamW, GradScaler's protocol (scale 2, no inf).
         "cpl_step_": ([p.clone(), g.clone()], [g, p], [zeros(), zeros()], [zeros(), zeros()], [codes, None],
                       "adamw", scalar(2.0), scalar(1e-3), [0.9, 0.999, 1e-8, 0.01], "gradient", True, True,
                       torch.tensor(2.0, device=device), torch.tensor(0.0, device=device)),
+        # The 8-bit state format: a tensor with a partial last block and one of several blocks.
+        "cpl_step_8bit_": ([p.clone(), g.clone()], [g, p], [q8(), q8()], [zeros(4), zeros(4)], [q8(), q8()],
+                           [zeros(4), zeros(4)], quant8.qmaps((True, False), device), [codes, None], "adamw",
+                           scalar(2.0), scalar(1e-3), [0.9, 0.999, 1e-8, 0.01], "update", True, True, None, None),
         "pack_signs_": (p, ops.empty_codes(p)),
         "contribution_stats": (p, g, ops.empty_mask(p)),
         "contribution_stats_codes": (p, codes, None),

@@ -145,13 +145,15 @@ class StateOptimizer(Optimizer):
     """torch.optim.Optimizer plus the bookkeeping every cpl_kernels optimizer shares.
 
     Subclasses set FLOAT_STATE (fp32 state keys, kept out of torch's dtype cast on load),
-    RAW_STATE (integer state kept bit-exact), KEEP_GROUP_KEYS (group options torch.optim does not
+    RAW_STATE (integer state kept bit-exact), LOCAL_STATE (fp32 keys of per-shard state, such as
+    8-bit absmax, kept as plain local tensors), KEEP_GROUP_KEYS (group options torch.optim does not
     know, kept when a torch checkpoint is loaded), and implement _plan_group (validate and return
     the writes to do) and _check_param_state (is a checkpoint's state right for this parameter).
     """
 
     FLOAT_STATE: tuple[str, ...] = ()
     RAW_STATE: tuple[str, ...] = ()
+    LOCAL_STATE: tuple[str, ...] = ()  # FLOAT_STATE keys not shaped like the param: never DTensors
     KEEP_GROUP_KEYS: tuple[str, ...] = ("check_finite",)
     DEFAULT_FINITE: str | bool = "raise"
 
@@ -372,7 +374,8 @@ class StateOptimizer(Optimizer):
             raws = {k: per_param[idx].to(local(p).device).reshape(-1).contiguous().clone()
                     for k, per_param in raw.items() if idx in per_param}
             self._check_param_state(p, name, floats, raws, has_step="step" in st)
-            installs[p] = {k: self._float_state_like(p, v) for k, v in floats.items()} | raws
+            installs[p] = {k: v if k in self.LOCAL_STATE else self._float_state_like(p, v)
+                           for k, v in floats.items()} | raws
         keep = [{k: g[k] for k in self.KEEP_GROUP_KEYS if k in g} for g in self.param_groups]
         sd["state"] = torch_state
         super().load_state_dict(sd)

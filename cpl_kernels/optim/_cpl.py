@@ -221,6 +221,37 @@ class CPLOptimizer(StateOptimizer):
     def _check_group(self, owner: str, group, lr: float) -> None:
         """Validates the group's hyperparameters (the step raises before writing anything)."""
 
+    def _item_state(self, owner: str, it: Item, state, keys: tuple[str, ...],
+                    installs: list) -> tuple[str, list[Tensor], bool]:
+        """(state format, the engine's state tensors, whether they were created now) for one item;
+        new or relaid state goes to `installs`, nothing is written. fp32 state here: one tensor per
+        key, shaped and laid out like the parameter (CPLAdamW8bit adds the 8-bit format)."""
+        slots, fresh = [], False
+        for key in keys:
+            value = state.get(key)
+            if value is None:
+                fresh = True
+                value = like_param(it.param, _layout.new_like(it.local))
+                installs.append((it.param, key, value))
+            elif local(value).shape != it.local.shape or local(value).dtype != torch.float32:
+                raise ValueError(f"{owner}.step: '{key}' of parameter {self.param_name(it.param)} has "
+                                 f"shape {tuple(local(value).shape)} and dtype {local(value).dtype}; "
+                                 f"expected fp32 of shape {tuple(it.local.shape)}")
+            elif not _layout.same_layout(local(value), it.local):
+                value = like_param(it.param, _layout.relaid(local(value), it.local))
+                installs.append((it.param, key, value))
+            slots.append(_layout.flat(local(value)))
+        return "fp32", slots, fresh
+
+    def _engine_step(self, fmt: str, params: list[Tensor], grads: list[Tensor], slots: list[list[Tensor]],
+                     codes: list, kind: str, step: float, lr, hyper: list[float], group, mode,
+                     grad_scale) -> Tensor:
+        """One engine call over a bucket; slots[k] are the k-th state tensors of each item."""
+        n_keys = len(slots[0]) if slots else 0
+        return engine.cpl_step_(params, grads, [s[0] for s in slots] if n_keys >= 1 else [],
+                                [s[1] for s in slots] if n_keys >= 2 else [], codes, kind, step, lr, hyper,
+                                group["criterion"], group["strict"], mode is not False, grad_scale, None)
+
     def _plan_group(self, group, items: list[Item]):
         owner = type(self).__name__
         lr = lr_value(owner, group["lr"])
@@ -229,30 +260,16 @@ class CPLOptimizer(StateOptimizer):
         mode = finite_mode(owner, group["check_finite"])
         keys = self._state_keys(group)
         installs: list[tuple[Tensor, str, object]] = []
-        # One engine call per distinct (step count, fresh state): Adam's bias corrections and
-        # SGD's first-step buffer are per call.
-        buckets: dict[tuple[float, bool], list] = {}
+        # One engine call per distinct (step count, fresh state, state format): Adam's bias
+        # corrections and SGD's first-step buffer are per call.
+        buckets: dict[tuple[float, bool, str], list] = {}
         for it in items:
             state = self.state.get(it.param, {})
             step = self._step_value(it.param, state) if self.COUNTS_STEPS else 0.0
-            slots, fresh = [], False
-            for key in keys:
-                value = state.get(key)
-                if value is None:
-                    fresh = True
-                    value = like_param(it.param, _layout.new_like(it.local))
-                    installs.append((it.param, key, value))
-                elif local(value).shape != it.local.shape or local(value).dtype != torch.float32:
-                    raise ValueError(f"{owner}.step: '{key}' of parameter {self.param_name(it.param)} has "
-                                     f"shape {tuple(local(value).shape)} and dtype {local(value).dtype}; "
-                                     f"expected fp32 of shape {tuple(it.local.shape)}")
-                elif not _layout.same_layout(local(value), it.local):
-                    value = like_param(it.param, _layout.relaid(local(value), it.local))
-                    installs.append((it.param, key, value))
-                slots.append(_layout.flat(local(value)))
+            fmt, slots, fresh = self._item_state(owner, it, state, keys, installs)
             if self.COUNTS_STEPS and "step" not in state:
                 installs.append((it.param, "step", torch.tensor(0.0, dtype=torch.float32)))
-            buckets.setdefault((step + 1, fresh), []).append((it, slots, state.get(CODES_KEY)))
+            buckets.setdefault((step + 1, fresh, fmt), []).append((it, slots, state.get(CODES_KEY)))
         grad_scale = self._grad_scale
         kind = self._kind(group)
 
@@ -260,13 +277,11 @@ class CPLOptimizer(StateOptimizer):
             for p, key, value in installs:
                 self.state[p][key] = value
             frozen, nonfinite = [], []
-            for (step, fresh), bucket in buckets.items():
-                counts = engine.cpl_step_(
-                    [it.work_param for it, _, _ in bucket], [it.work_grad for it, _, _ in bucket],
-                    [s[0] for _, s, _ in bucket] if len(keys) >= 1 else [],
-                    [s[1] for _, s, _ in bucket] if len(keys) >= 2 else [],
-                    [c for _, _, c in bucket], kind, step, lr, self._hyper(group, fresh),
-                    group["criterion"], group["strict"], mode is not False, grad_scale, None)
+            for (step, fresh, fmt), bucket in buckets.items():
+                counts = self._engine_step(
+                    fmt, [it.work_param for it, _, _ in bucket], [it.work_grad for it, _, _ in bucket],
+                    [s for _, s, _ in bucket], [c for _, _, c in bucket], kind, step, lr,
+                    self._hyper(group, fresh), group, mode, grad_scale)
                 frozen.append(counts[0].sum())
                 nonfinite.append(([it.param for it, _, _ in bucket], counts[1]))
                 if self.COUNTS_STEPS:

@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "common.h"
+#include "quant8.h"
 #include "simd.h"
 
 namespace cpl {
@@ -54,12 +55,76 @@ struct Entry {
   const uint32_t* codes;  // null: no reference for this tensor
   int64_t numel;
   at::ScalarType dtype;   // of param and grad
+  // The 8-bit blockwise state format (cpl::cpl_step_8bit_, docs/design.md section 8; unused and
+  // null for fp32 state): per slot, uint8 codes (one per element) and an fp32 absmax per block of
+  // kQBlock elements; qmaps: fp32 [2 slots][2 rows: map values, thresholds][256]; tables: per
+  // slot, the thresholds as a quant8::BucketTable (built once per call by step.cpp).
+  uint8_t* q1 = nullptr;
+  float* absmax1 = nullptr;
+  uint8_t* q2 = nullptr;
+  float* absmax2 = nullptr;
+  const float* qmaps = nullptr;
+  const quant8::BucketTable* tables = nullptr;
 };
+
+// Elements per absmax of the 8-bit format (cpl_kernels/quant8.py BLOCK). kGrainElements and the
+// batch of range() are multiples of it, so a block never straddles two segments or batches.
+constexpr int64_t kQBlock = 256;
+constexpr int64_t kQMapEntries = 256;
+
+// Slot values of one batch from the 8-bit format: qmap[code] * absmax of the block (one fp32
+// multiply, as quant8.dequantize). `i` is the batch's first element (a multiple of kQBlock).
+CPL_INLINE void dequantize(const uint8_t* __restrict q, const float* __restrict absmax,
+                           const float* __restrict values, int64_t i, int64_t lanes, float* __restrict out) {
+  for (int64_t b0 = 0; b0 < lanes; b0 += kQBlock) {
+    const float scale = absmax[(i + b0) / kQBlock];
+    const int64_t nb = std::min(kQBlock, lanes - b0);
+#if CPL_HAVE_AVX2_DISPATCH
+    if (cpu_has_avx2()) {  // gathers: GCC leaves the table loads scalar
+      quant8::dequantize_avx2(q + i + b0, values, scale, nb, out + b0);
+      continue;
+    }
+#endif
+#pragma omp simd
+    for (int64_t k = 0; k < nb; ++k) out[b0 + k] = values[q[i + b0 + k]] * scale;
+  }
+}
+
+// The fp32 values of one batch back into the 8-bit format, block by block (quant8.quantize_):
+// absmax = max |x| (NaN if the block holds one) clipped at fp32(1e-12); y = x / absmax; the code is
+// the number of thresholds <= y (quant8.h's bucket table; NaN y: code 0).
+CPL_INLINE void quantize(const float* __restrict in, const quant8::BucketTable& table, int64_t i, int64_t lanes,
+                         uint8_t* __restrict q, float* __restrict absmax) {
+  constexpr float kFloor = 1e-12f;  // torchao's clip(1e-12), the same fp32 value
+  for (int64_t b0 = 0; b0 < lanes; b0 += kQBlock) {
+    const int64_t nb = std::min(kQBlock, lanes - b0);
+    const float* __restrict x = in + b0;
+    float amax = 0.f;
+    int nan = 0;
+#pragma omp simd reduction(max : amax) reduction(| : nan)
+    for (int64_t k = 0; k < nb; ++k) {
+      const float a = std::fabs(x[k]);
+      amax = std::max(amax, a);
+      nan |= static_cast<int>(a != a);
+    }
+    const float scale = nan ? std::numeric_limits<float>::quiet_NaN() : std::max(amax, kFloor);
+    absmax[(i + b0) / kQBlock] = scale;
+    uint8_t* __restrict out = q + i + b0;
+#if CPL_HAVE_AVX2_DISPATCH
+    if (cpu_has_avx2()) {
+      quant8::codes_avx2(table, x, scale, nb, out);
+      continue;
+    }
+#endif
+#pragma omp simd
+    for (int64_t k = 0; k < nb; ++k) out[k] = static_cast<uint8_t>(table.code(x[k] / scale));
+  }
+}
 
 // Element i of one tensor; returns (conflicting | non-finite) + (non-finite << 16).
 template <class D, typename T, int kRule, bool kSkip, bool kScale>
 CPL_INLINE int32_t lane(const D& d, T* __restrict param, const T* __restrict grad, float* __restrict s1,
-                        float* __restrict s2, int64_t i, float sign, float scale) {
+                        float* __restrict s2, int64_t i, int64_t si, float sign, float scale) {
   constexpr bool kGradient = kRule == kGradientStrict || kRule == kGradientSoft;
   const float p = to_f32(param[i]);
   float g = to_f32(grad[i]);
@@ -80,14 +145,14 @@ CPL_INLINE int32_t lane(const D& d, T* __restrict param, const T* __restrict gra
     g = conflicting ? 0.f : g;  // the state only ever sees collaborative gradient
   }
   float n1 = 0.f, n2 = 0.f;
-  if constexpr (D::kStates >= 1) n1 = s1[i];
-  if constexpr (D::kStates >= 2) n2 = s2[i];
+  if constexpr (D::kStates >= 1) n1 = s1[si];
+  if constexpr (D::kStates >= 2) n2 = s2[si];
   const float o1 = n1, o2 = n2;
   const float u = d.step(g, p, n1, n2);
   if constexpr (kRule == kUpdateRule) conflicting = conflicts_sign(u, sign);
   // Unconditional stores of a select: a conditional store would stop the vectoriser (simd.h).
-  if constexpr (D::kStates >= 1) s1[i] = kSkip ? select_bits(bad, o1, n1) : n1;
-  if constexpr (D::kStates >= 2) s2[i] = kSkip ? select_bits(bad, o2, n2) : n2;
+  if constexpr (D::kStates >= 1) s1[si] = kSkip ? select_bits(bad, o1, n1) : n1;
+  if constexpr (D::kStates >= 2) s2[si] = kSkip ? select_bits(bad, o2, n2) : n2;
   const bool frozen = (kRule == kGradientSoft ? false : conflicting) | bad;
   store_f32(param, i, p - keep_unless(d.lr * u, frozen));  // p - (+0) is p bit for bit
   // (conflicting | bad) is `frozen` for the strict rules (shared), and minus bad it is the count
@@ -95,30 +160,59 @@ CPL_INLINE int32_t lane(const D& d, T* __restrict param, const T* __restrict gra
   return static_cast<int32_t>(conflicting | bad) + (static_cast<int32_t>(bad) << 16);
 }
 
-// Elements [i0, i1) of entry e (i0 a multiple of 16); adds the counts to counts[0], counts[1].
+// The 8-bit state format as a wrapper of a direction: run_list<Blockwise8<D>, ...> runs D with
+// its state dequantized into a batch buffer, stepped by the same lane(), and requantized.
+template <class D>
+struct Blockwise8 : D {
+  explicit Blockwise8(const D& d) : D(d) {}
+};
+template <class D>
+inline constexpr bool kIsBlockwise8 = false;
+template <class D>
+inline constexpr bool kIsBlockwise8<Blockwise8<D>> = true;
+
+// Elements [i0, i1) of entry e (i0 a multiple of 16, and of kQBlock for the 8-bit format); adds
+// the counts to counts[0], counts[1].
 template <class D, typename T, int kRule, bool kSkip, bool kScale>
 CPL_INLINE void range(const D& d_in, const Entry& e, int64_t i0, int64_t i1, float scale, int64_t* counts) {
   const D d = d_in;  // scalars by value: no aliasing question for the vectoriser
   T* __restrict p = static_cast<T*>(e.param);
   const T* __restrict g = static_cast<const T*>(e.grad);
-  float* __restrict s1 = e.state1;
-  float* __restrict s2 = e.state2;
   constexpr int64_t kBatch = 64 * kCodesPerWord;
+  constexpr bool kQ8 = kIsBlockwise8<D>;
+  static_assert(kBatch % kQBlock == 0, "a batch holds whole 8-bit blocks");
   alignas(64) float sign[kBatch];
+  // 8-bit format: the batch's state, dequantized (stack, 8 KiB); fp32 format: unused.
+  alignas(64) float buf1[kQ8 ? kBatch : 1], buf2[kQ8 ? kBatch : 1];
   int64_t conflicting = 0, nonfinite = 0;
   for (int64_t i = i0; i < i1; i += kBatch) {
     const int64_t lanes = std::min(kBatch, i1 - i);
+    // State pointers and the index of element i + k in them: the tensor's own fp32 state, or
+    // the batch buffer (index k).
+    float* __restrict s1 = e.state1;
+    float* __restrict s2 = e.state2;
+    int64_t base = i;
+    if constexpr (kQ8) {
+      if constexpr (D::kStates >= 1) dequantize(e.q1, e.absmax1, e.qmaps, i, lanes, buf1);
+      if constexpr (D::kStates >= 2) dequantize(e.q2, e.absmax2, e.qmaps + 2 * kQMapEntries, i, lanes, buf2);
+      s1 = buf1, s2 = buf2, base = 0;
+    }
     int32_t packed = 0;
     if constexpr (kRule == kNoReference) {
 #pragma omp simd reduction(+ : packed)
-      for (int64_t k = 0; k < lanes; ++k) packed += lane<D, T, kRule, kSkip, kScale>(d, p, g, s1, s2, i + k, 0.f, scale);
+      for (int64_t k = 0; k < lanes; ++k)
+        packed += lane<D, T, kRule, kSkip, kScale>(d, p, g, s1, s2, i + k, base + k, 0.f, scale);
     } else {
       // The last word of a tensor may be partial: its unused codes are 0 and never read as lanes.
       const uint32_t* __restrict words = e.codes + i / kCodesPerWord;
       for (int64_t w = 0; w < ceil_div(lanes, kCodesPerWord); ++w) expand_signs(words[w], sign + kCodesPerWord * w);
 #pragma omp simd reduction(+ : packed)
       for (int64_t k = 0; k < lanes; ++k)
-        packed += lane<D, T, kRule, kSkip, kScale>(d, p, g, s1, s2, i + k, sign[k], scale);
+        packed += lane<D, T, kRule, kSkip, kScale>(d, p, g, s1, s2, i + k, base + k, sign[k], scale);
+    }
+    if constexpr (kQ8) {
+      if constexpr (D::kStates >= 1) quantize(buf1, e.tables[0], i, lanes, e.q1, e.absmax1);
+      if constexpr (D::kStates >= 2) quantize(buf2, e.tables[1], i, lanes, e.q2, e.absmax2);
     }
     const int32_t bad = packed >> 16;
     conflicting += (packed & 0xFFFF) - bad;

@@ -86,7 +86,7 @@ CPL_INLINE int64_t run_lanes(const D& d_in, T* __restrict p, const T* __restrict
   int32_t packed = 0;
 #pragma omp simd reduction(+ : packed)
   for (int64_t k = 0; k < count; ++k)
-    packed += engine::lane<D, T, kNoReference, kSkip, kScale>(d, p, g, m, v, k, 0.f, scale);
+    packed += engine::lane<D, T, kNoReference, kSkip, kScale>(d, p, g, m, v, k, k, 0.f, scale);
   return packed >> 16;
 }
 

@@ -14,6 +14,13 @@ at::Tensor cpl_step_(at::TensorList params, at::TensorList grads, at::TensorList
                      const at::Tensor& step, const at::Tensor& lr, at::ArrayRef<double> hyper,
                      c10::string_view criterion, bool strict, bool skip_nonfinite,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
+// The same with 8-bit blockwise state (engine.h Blockwise8; cpl_kernels/quant8.py).
+at::Tensor cpl_step_8bit_(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList absmax1,
+                          at::TensorList state2, at::TensorList absmax2, const at::Tensor& qmaps,
+                          const c10::List<std::optional<at::Tensor>>& codes, c10::string_view kind,
+                          const at::Tensor& step, const at::Tensor& lr, at::ArrayRef<double> hyper,
+                          c10::string_view criterion, bool strict, bool skip_nonfinite,
+                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
 void pack_signs_(const at::Tensor& src, const at::Tensor& codes);
 std::tuple<at::Tensor, at::Tensor> contribution_stats(const at::Tensor& a, const at::Tensor& b,
                                                       const std::optional<at::Tensor>& mask_out);

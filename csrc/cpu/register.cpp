@@ -5,6 +5,7 @@
 
 TORCH_LIBRARY_IMPL(cpl, CPU, m) {
   m.impl("cpl_step_", &cpl::cpu::cpl_step_);
+  m.impl("cpl_step_8bit_", &cpl::cpu::cpl_step_8bit_);
   m.impl("pack_signs_", &cpl::cpu::pack_signs_);
   m.impl("contribution_stats", &cpl::cpu::contribution_stats);
   m.impl("contribution_stats_codes", &cpl::cpu::contribution_stats_codes);

@@ -8,6 +8,7 @@
 // late in the list raises before the first tensor is stepped. Errors are ValueErrors naming the
 // list and index, worded as cpl_kernels/_checks.py words them.
 #include <cmath>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -22,7 +23,8 @@ namespace cpu {
 
 namespace {
 
-constexpr const char* kOp = "cpl_step_";
+// The op being validated, for the messages (cpl_step_ or cpl_step_8bit_, set by each entry point).
+thread_local const char* kOp = "cpl_step_";
 
 std::string item(const char* list, size_t i) { return std::string(list) + "[" + std::to_string(i) + "]"; }
 
@@ -72,10 +74,26 @@ double host_scalar(const at::Tensor& t, const char* name) {
   return t.item<double>();
 }
 
+// The 8-bit state format's extra arguments (cpl_step_8bit_): per slot one fp32 absmax per block,
+// and the maps; state1/state2 then hold uint8 codes.
+struct Blockwise8Args {
+  at::TensorList absmax1, absmax2;
+  const at::Tensor& qmaps;
+};
+
 // The entries of the lists, validated, with their raw pointers.
 std::vector<engine::Entry> check_entries(at::TensorList params, at::TensorList grads, at::TensorList state1,
                                          at::TensorList state2, const c10::List<std::optional<at::Tensor>>& codes,
-                                         int slots) {
+                                         int slots, const Blockwise8Args* q8, quant8::BucketTable* tables) {
+  const float* qmaps = nullptr;
+  if (q8) {
+    check_tensor(q8->qmaps, "qmaps", {at::kFloat}, "float32", 4 * engine::kQMapEntries);
+    qmaps = q8->qmaps.const_data_ptr<float>();
+    for (int k = 0; k < 2; ++k)
+      CPL_FAIL_UNLESS(tables[k].build(qmaps + (2 * k + 1) * engine::kQMapEntries), "qmaps",
+                      "row [", k, ", 1] must hold 255 sorted thresholds in [-1, 1] and +inf, as "
+                      "cpl_kernels.quant8.qmaps builds them (at most two a bucket of quant8.h)");
+  }
   const size_t n = params.size();
   std::vector<engine::Entry> entries;
   entries.reserve(n);
@@ -91,10 +109,21 @@ std::vector<engine::Entry> check_entries(at::TensorList params, at::TensorList g
                     dtype_name(g.scalar_type()), " and shape ", shape_of(g), " but '", pname, "' has ",
                     dtype_name(p.scalar_type()), ", ", shape_of(p), "; they must match");
     float* s[2] = {nullptr, nullptr};
+    uint8_t* q[2] = {nullptr, nullptr};
+    float* absmax[2] = {nullptr, nullptr};
     for (int k = 0; k < slots; ++k) {
       const at::Tensor& t = (k == 0 ? state1 : state2)[i];
-      check_tensor(t, item(k == 0 ? "state1" : "state2", i), {at::kFloat}, "float32", numel);
-      s[k] = t.data_ptr<float>();
+      if (q8) {
+        check_tensor(t, item(k == 0 ? "state1" : "state2", i), {at::kByte}, "uint8", numel);
+        const at::Tensor& a = (k == 0 ? q8->absmax1 : q8->absmax2)[i];
+        check_tensor(a, item(k == 0 ? "absmax1" : "absmax2", i), {at::kFloat}, "float32",
+                     ceil_div(numel, engine::kQBlock));
+        q[k] = t.data_ptr<uint8_t>();
+        absmax[k] = a.data_ptr<float>();
+      } else {
+        check_tensor(t, item(k == 0 ? "state1" : "state2", i), {at::kFloat}, "float32", numel);
+        s[k] = t.data_ptr<float>();
+      }
     }
     const uint32_t* code_words = nullptr;
     if (codes.size() > 0) {
@@ -108,7 +137,8 @@ std::vector<engine::Entry> check_entries(at::TensorList params, at::TensorList g
         code_words = reinterpret_cast<const uint32_t*>(c->const_data_ptr<int32_t>());
       }
     }
-    entries.push_back(engine::Entry{p.data_ptr(), g.const_data_ptr(), s[0], s[1], code_words, numel, p.scalar_type()});
+    entries.push_back(engine::Entry{p.data_ptr(), g.const_data_ptr(), s[0], s[1], code_words, numel, p.scalar_type(),
+                                    q[0], absmax[0], q[1], absmax[1], qmaps, q8 ? tables : nullptr});
   }
   return entries;
 }
@@ -123,6 +153,7 @@ struct Call {
   bool strict, skip_nonfinite;
   const std::optional<at::Tensor>& grad_scale;
   const std::optional<at::Tensor>& found_inf;
+  const Blockwise8Args* q8;  // null: fp32 state (cpl_step_)
 };
 
 template <class K>
@@ -140,10 +171,14 @@ at::Tensor run(const Call& c) {
   const int slots = K::slots(h);
   const size_t n = c.params.size();
   check_list_size(c.grads.size(), n, "grads");
-  for (int k = 0; k < 2; ++k) {
-    const size_t got = (k == 0 ? c.state1 : c.state2).size();
-    const char* name = k == 0 ? "state1" : "state2";
-    if (k < slots) {
+  for (int k = 0; k < (c.q8 ? 4 : 2); ++k) {
+    static const char* const kNames[4] = {"state1", "state2", "absmax1", "absmax2"};
+    const size_t got = k == 0 ? c.state1.size()
+                       : k == 1 ? c.state2.size()
+                       : k == 2 ? c.q8->absmax1.size()
+                                : c.q8->absmax2.size();
+    const char* name = kNames[k];
+    if (k % 2 < slots) {
       check_list_size(got, n, name);
     } else {
       CPL_FAIL_UNLESS(got == 0, name, "has ", got, " entries but kind '", K::kName,
@@ -164,15 +199,17 @@ at::Tensor run(const Call& c) {
   }
   bool skip_all = false;
   if (c.found_inf.has_value() && c.found_inf->defined()) skip_all = host_scalar(*c.found_inf, "found_inf") != 0.0;
+  // 8-bit format: the thresholds of each slot as a bucket table (quant8.h), ~50 KB, per call.
+  std::unique_ptr<quant8::BucketTable[]> tables(c.q8 ? new quant8::BucketTable[2] : nullptr);
   const std::vector<engine::Entry> entries =
-      check_entries(c.params, c.grads, c.state1, c.state2, c.codes, slots);
+      check_entries(c.params, c.grads, c.state1, c.state2, c.codes, slots, c.q8, tables.get());
 
   at::Tensor out = at::zeros({2, static_cast<int64_t>(n)}, at::kLong);
   if (n == 0 || skip_all) return out;  // found_inf: GradScaler skips the whole step, nothing written
   const int rule = c.criterion == Criterion::kUpdate ? kUpdateRule : (c.strict ? kGradientStrict : kGradientSoft);
   int64_t* counts = out.data_ptr<int64_t>();
   const float scale_value = scale.value_or(1.f);
-  K::visit(h, step, lr, [&](const auto& d) {
+  const auto with_flags = [&](const auto& d) {
     using D = std::decay_t<decltype(d)>;
     if (c.skip_nonfinite) {
       if (scale) return engine::run_list<D, true, true>(d, entries, rule, scale_value, counts);
@@ -180,23 +217,16 @@ at::Tensor run(const Call& c) {
     }
     if (scale) return engine::run_list<D, false, true>(d, entries, rule, scale_value, counts);
     return engine::run_list<D, false, false>(d, entries, rule, scale_value, counts);
+  };
+  K::visit(h, step, lr, [&](const auto& d) {
+    using D = std::decay_t<decltype(d)>;
+    if (c.q8) return with_flags(engine::Blockwise8<D>(d));  // the state format: same rule, same direction
+    return with_flags(d);
   });
   return out;
 }
 
-}  // namespace
-
-at::Tensor cpl_step_(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
-                     const c10::List<std::optional<at::Tensor>>& codes, c10::string_view kind,
-                     const at::Tensor& step, const at::Tensor& lr, at::ArrayRef<double> hyper,
-                     c10::string_view criterion, bool strict, bool skip_nonfinite,
-                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const std::string crit(criterion);
-  CPL_FAIL_UNLESS(crit == "update" || crit == "gradient", "criterion", "must be one of ('update', 'gradient'), got '",
-                  crit, "'");
-  const Call call{params, grads, state1, state2, codes, step, lr, hyper,
-                  crit == "update" ? Criterion::kUpdate : Criterion::kGradient, strict, skip_nonfinite,
-                  grad_scale, found_inf};
+at::Tensor dispatch_kind(c10::string_view kind, const Call& call) {
   const std::string name(kind);
   at::Tensor out;
   const bool known = kinds::any_kind([&]<class K>() {
@@ -207,6 +237,39 @@ at::Tensor cpl_step_(at::TensorList params, at::TensorList grads, at::TensorList
   TORCH_CHECK_VALUE(known, "cpl.", kOp, ": argument 'kind' must be one of ", kinds::kind_names(), ", got '", name,
                     "'");
   return out;
+}
+
+Criterion check_criterion(c10::string_view criterion) {
+  const std::string crit(criterion);
+  CPL_FAIL_UNLESS(crit == "update" || crit == "gradient", "criterion", "must be one of ('update', 'gradient'), got '",
+                  crit, "'");
+  return crit == "update" ? Criterion::kUpdate : Criterion::kGradient;
+}
+
+}  // namespace
+
+at::Tensor cpl_step_(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
+                     const c10::List<std::optional<at::Tensor>>& codes, c10::string_view kind,
+                     const at::Tensor& step, const at::Tensor& lr, at::ArrayRef<double> hyper,
+                     c10::string_view criterion, bool strict, bool skip_nonfinite,
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  kOp = "cpl_step_";
+  const Call call{params, grads, state1, state2, codes, step, lr, hyper, check_criterion(criterion), strict,
+                  skip_nonfinite, grad_scale, found_inf, nullptr};
+  return dispatch_kind(kind, call);
+}
+
+at::Tensor cpl_step_8bit_(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList absmax1,
+                          at::TensorList state2, at::TensorList absmax2, const at::Tensor& qmaps,
+                          const c10::List<std::optional<at::Tensor>>& codes, c10::string_view kind,
+                          const at::Tensor& step, const at::Tensor& lr, at::ArrayRef<double> hyper,
+                          c10::string_view criterion, bool strict, bool skip_nonfinite,
+                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  kOp = "cpl_step_8bit_";
+  const Blockwise8Args q8{absmax1, absmax2, qmaps};
+  const Call call{params, grads, state1, state2, codes, step, lr, hyper, check_criterion(criterion), strict,
+                  skip_nonfinite, grad_scale, found_inf, &q8};
+  return dispatch_kind(kind, call);
 }
 
 }  // namespace cpu

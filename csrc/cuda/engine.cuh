@@ -104,10 +104,10 @@ __device__ __forceinline__ void engine_run(T* param, const T* grad, float* s1_pt
   store_f32<T, VEC>(param + i, p);
 }
 
-template <typename T, class D>
-__global__ void __launch_bounds__(kThreads) step_engine_kernel(Table tab, D dir, RuleArgs args) {
-  __shared__ D sd;
-  __shared__ RuleConsts sk;
+// Shared prologue of the engine kernels: thread 0 reads the device scalars; returns whether the
+// step is skipped (found_inf).
+template <class D>
+__device__ __forceinline__ bool engine_prologue(const D& dir, const RuleArgs& args, D& sd, RuleConsts& sk) {
   __shared__ int skip;
   if (threadIdx.x == 0) {
     skip = args.found_inf != nullptr && *args.found_inf != 0;
@@ -124,7 +124,15 @@ __global__ void __launch_bounds__(kThreads) step_engine_kernel(Table tab, D dir,
     sk = k;
   }
   __syncthreads();
-  if (skip) return;  // found_inf: the whole block leaves before reading or writing anything
+  return skip != 0;
+}
+
+template <typename T, class D>
+__global__ void __launch_bounds__(kThreads) step_engine_kernel(Table tab, D dir, RuleArgs args) {
+  __shared__ D sd;
+  __shared__ RuleConsts sk;
+  // found_inf: the whole block leaves before reading or writing anything
+  if (engine_prologue(dir, args, sd, sk)) return;
   const D d = sd;
   const RuleConsts k = sk;
   const int t = tab.block_tensor[blockIdx.x];
@@ -149,6 +157,122 @@ __global__ void __launch_bounds__(kThreads) step_engine_kernel(Table tab, D dir,
     if (total_conflicting) atomicAdd(args.counts + tab.slot[t], total_conflicting);
     if (total_bad) atomicAdd(args.counts + args.count_stride + tab.slot[t], total_bad);
   }
+}
+
+// ---- the 8-bit blockwise state format (cpl::cpl_step_8bit_, cpl_kernels/quant8.py) ----------------
+// One warp per block of kQBlock = 256 elements, 8 consecutive elements per lane: dequantize
+// (qmap[code] * absmax, maps in shared memory), the same rule_element as above, then requantize
+// the warp's block: absmax = max |x| (NaN if one is NaN; a warp max by shuffles) clipped at 1e-12,
+// code = the number of thresholds <= x / absmax (an 8-step branchless binary search). One launch
+// per tensor (the per-tensor pointers are kernel arguments): no host sync, graph-capturable.
+constexpr int64_t kQBlock = 256;
+constexpr int kQPerLane = static_cast<int>(kQBlock / kWarp);  // 8
+
+struct Blockwise8Tensor {
+  void* param;
+  const void* grad;
+  uint8_t* q1;      // slot codes, or null when the kind does not use the slot
+  uint8_t* q2;
+  float* absmax1;   // one per kQBlock elements
+  float* absmax2;
+  const int32_t* codes;  // sign codes, or null
+  int64_t numel;
+  int64_t slot;     // column in the counts output
+};
+
+// The warp's block of x back into codes and absmax (lanes hold kQPerLane elements each).
+__device__ __forceinline__ void requantize_warp(const float (&x)[kQPerLane], const bool (&live)[kQPerLane],
+                                                const float* thresholds, uint8_t* q, float* absmax, int64_t block,
+                                                int64_t i0, int lane) {
+  float amax = 0.f;
+  int nan = 0;
+#pragma unroll
+  for (int e = 0; e < kQPerLane; ++e) {
+    if (!live[e]) continue;
+    const float a = fabsf(x[e]);
+    nan |= a != a;
+    amax = a > amax ? a : amax;
+  }
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) {
+    const float other = __shfl_xor_sync(kFullMask, amax, o);
+    amax = other > amax ? other : amax;
+    nan |= __shfl_xor_sync(kFullMask, nan, o);
+  }
+  const float scale = nan ? __int_as_float(0x7fc00000) : (amax > 1e-12f ? amax : 1e-12f);
+  if (lane == 0) absmax[block] = scale;
+#pragma unroll
+  for (int e = 0; e < kQPerLane; ++e) {
+    if (!live[e]) continue;
+    const float y = __fdiv_rn(x[e], scale);
+    int c = 0;
+#pragma unroll
+    for (int s = 128; s >= 1; s >>= 1) c += y >= thresholds[c + s - 1] ? s : 0;
+    q[i0 + e] = static_cast<uint8_t>(c);
+  }
+}
+
+template <typename T, class D>
+__global__ void __launch_bounds__(kThreads) step_engine_8bit_kernel(Blockwise8Tensor t, D dir, RuleArgs args,
+                                                                    const float* qmaps) {
+  __shared__ D sd;
+  __shared__ RuleConsts sk;
+  __shared__ float maps[4 * 256];  // per slot: map values, thresholds (quant8.qmaps)
+  for (int j = threadIdx.x; j < 4 * 256; j += blockDim.x) maps[j] = qmaps[j];
+  if (engine_prologue(dir, args, sd, sk)) return;  // its __syncthreads also covers `maps`
+  const D d = sd;
+  const RuleConsts k = sk;
+  T* param = static_cast<T*>(t.param);
+  const T* grad = static_cast<const T*>(t.grad);
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
+  const int64_t blocks = (t.numel + kQBlock - 1) / kQBlock;
+  unsigned conflicting = 0, bad = 0;
+  // Grid-stride over 256-element blocks; the loop bound is uniform over a warp.
+  for (int64_t block = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+       block < blocks; block += warps) {
+    const int64_t i0 = block * kQBlock + static_cast<int64_t>(lane) * kQPerLane;
+    const float scale1 = t.q1 ? t.absmax1[block] : 0.f, scale2 = t.q2 ? t.absmax2[block] : 0.f;
+    float s1[kQPerLane], s2[kQPerLane];
+    bool live[kQPerLane];
+    const uint32_t word = t.codes && i0 < t.numel ? static_cast<uint32_t>(__ldg(t.codes + i0 / 16)) : 0u;
+#pragma unroll
+    for (int e = 0; e < kQPerLane; ++e) {
+      const int64_t i = i0 + e;
+      live[e] = i < t.numel;
+      s1[e] = s2[e] = 0.f;
+      if (!live[e]) continue;
+      if (d.reads_state1()) s1[e] = __fmul_rn(maps[t.q1[i]], scale1);
+      if (d.reads_state2()) s2[e] = __fmul_rn(maps[512 + t.q2[i]], scale2);
+      float p = to_f32<T>(param[i]);
+      rule_element(p, to_f32<T>(grad[i]), s1[e], s2[e], decode_sign(word, static_cast<int>(i % 16)), d, k,
+                   conflicting, bad);
+      param[i] = from_f32<T>(p);
+    }
+    if (d.writes_state1()) requantize_warp(s1, live, maps + 256, t.q1, t.absmax1, block, i0, lane);
+    if (d.writes_state2()) requantize_warp(s2, live, maps + 768, t.q2, t.absmax2, block, i0, lane);
+  }
+  const unsigned long long total_conflicting = block_sum(static_cast<unsigned long long>(conflicting));
+  const unsigned long long total_bad = block_sum(static_cast<unsigned long long>(bad));
+  if (threadIdx.x == 0) {
+    if (total_conflicting) atomicAdd(args.counts + t.slot, total_conflicting);
+    if (total_bad) atomicAdd(args.counts + args.count_stride + t.slot, total_bad);
+  }
+}
+
+template <typename T, class D>
+cudaError_t launch_engine_8bit(const StepParams& p, const D& dir, const RuleArgs& args, cudaStream_t stream) {
+  for (int64_t ti = 0; ti < p.num_tensors; ++ti) {
+    const int64_t n = p.numels[ti];
+    if (n == 0) continue;
+    Blockwise8Tensor t{p.params[ti], p.grads[ti], p.q1 ? p.q1[ti] : nullptr, p.q2 ? p.q2[ti] : nullptr,
+                       p.absmax1 ? p.absmax1[ti] : nullptr, p.absmax2 ? p.absmax2[ti] : nullptr, p.codes[ti], n,
+                       p.count_slots[ti]};
+    const int64_t grid = blocks_for((n + kQBlock - 1) / kQBlock, kThreads / kWarp);
+    step_engine_8bit_kernel<T, D><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(t, dir, args, p.qmaps);
+    CPL_RETURN_IF_LAUNCH_FAILED();
+  }
+  return cudaSuccess;
 }
 
 // One dtype group of kind D: as many table launches as the group needs, each checked.

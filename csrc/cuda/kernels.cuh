@@ -102,6 +102,14 @@ struct StepParams {
   bool strict, skip_nonfinite;
   unsigned long long* counts;  // device int64 [2, count_stride], zeroed by the caller:
   int64_t count_stride;        // row 0 conflicting, row 1 non-finite gradient elements
+  // The 8-bit blockwise state format (cpl_step_8bit_; cpl_kernels/quant8.py): a non-null qmaps
+  // (device fp32 [2 slots][map values, thresholds][256]) selects it; state1/state2 are then null
+  // and q1/q2 hold the uint8 codes, absmax1/absmax2 one fp32 per 256 elements.
+  uint8_t* const* q1 = nullptr;
+  uint8_t* const* q2 = nullptr;
+  float* const* absmax1 = nullptr;
+  float* const* absmax2 = nullptr;
+  const float* qmaps = nullptr;
 };
 
 // The engine's kinds (directions.cuh), for the torch glue: the hyper count of `kind`, or -1 when

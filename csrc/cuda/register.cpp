@@ -370,6 +370,126 @@ Tensor cpl_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   return counts;
 }
 
+// cpl::cpl_step_8bit_: cpl_step_ with the 8-bit blockwise state format (cpl_kernels/quant8.py).
+// Validated like cpl_step_cuda, every entry before the first launch; state1/state2 hold uint8
+// codes, absmax1/absmax2 one fp32 per 256 elements, qmaps the fp32 [2, 2, 256] maps.
+Tensor cpl_step_8bit_cuda(at::TensorList params, at::TensorList grads, at::TensorList state1,
+                          at::TensorList absmax1, at::TensorList state2, at::TensorList absmax2,
+                          const Tensor& qmaps, const c10::List<std::optional<Tensor>>& codes, c10::string_view kind,
+                          const Tensor& step, const Tensor& lr, at::ArrayRef<double> hyper,
+                          c10::string_view criterion, bool strict, bool skip_nonfinite,
+                          const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf) {
+  const char* op = "cpl_step_8bit_";
+  const std::string kind_name(kind);
+  const int num_hyper = cpl_cuda::step_kind_num_hyper(kind_name.c_str());
+  TORCH_CHECK_VALUE(num_hyper >= 0, "cpl.", op, ": argument 'kind' must be one of ", cpl_cuda::step_kind_names(),
+                    "; got '", kind_name, "'");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(hyper.size()) == num_hyper, "cpl.", op, ": argument 'hyper' for kind '",
+                    kind_name, "' holds ", hyper.size(), " values; expected ", num_hyper);
+  for (size_t j = 0; j < hyper.size(); ++j)
+    TORCH_CHECK_VALUE(std::isfinite(hyper[j]), "cpl.", op, ": argument 'hyper' has a non-finite value at ", j);
+  const int slots = cpl_cuda::step_kind_state_slots(kind_name.c_str(), hyper.data());
+  const auto crit = parse_criterion(criterion, op);
+  const int64_t n = static_cast<int64_t>(params.size());
+  const auto check_count = [&](const char* name, int64_t got, int64_t want) {
+    TORCH_CHECK_VALUE(got == want, "cpl.", op, ": argument '", name, "' has ", got, " entries but 'params' has ", n,
+                      want == 0 && n != 0 ? " (kind '" + kind_name + "' uses no such state here: pass [])" : "");
+  };
+  check_count("grads", static_cast<int64_t>(grads.size()), n);
+  check_count("state1", static_cast<int64_t>(state1.size()), slots >= 1 ? n : 0);
+  check_count("absmax1", static_cast<int64_t>(absmax1.size()), slots >= 1 ? n : 0);
+  check_count("state2", static_cast<int64_t>(state2.size()), slots >= 2 ? n : 0);
+  check_count("absmax2", static_cast<int64_t>(absmax2.size()), slots >= 2 ? n : 0);
+  TORCH_CHECK_VALUE(codes.size() == 0 || static_cast<int64_t>(codes.size()) == n, "cpl.", op, ": argument 'codes' has ",
+                    codes.size(), " entries but 'params' has ", n);
+  const Tensor& first = n > 0 ? params[0] : step;
+  const c10::cuda::CUDAGuard guard(first.device());
+  check_tensor(qmaps, first, op, "qmaps", at::kFloat, 4 * 256);
+  const Tensor step_d = device_scalar(step, first, op, "step");
+  const Tensor lr_d = device_scalar(lr, first, op, "lr");
+  const Tensor scale_d = grad_scale ? amp_scalar(*grad_scale, first, op, "grad_scale").reshape({}).to(at::kFloat)
+                                    : Tensor();
+  const Tensor found_d = found_inf ? amp_scalar(*found_inf, first, op, "found_inf").reshape({}).ne(0).to(at::kInt)
+                                   : Tensor();
+  Tensor counts = at::zeros({2, n}, first.options().dtype(at::kLong));
+  if (n == 0) return counts;
+  // Per dtype: pointers of every entry, all validated before the first launch.
+  struct Group8 {
+    std::vector<void*> params;
+    std::vector<const void*> grads;
+    std::vector<uint8_t*> q1, q2;
+    std::vector<float*> a1, a2;
+    std::vector<const int32_t*> codes;
+    std::vector<int64_t> numels, slots;
+  };
+  std::vector<Group8> groups(3);
+  for (int64_t i = 0; i < n; ++i) {
+    const Tensor& p = params[i];
+    check_cuda(p, params[0], op, item("params", i).c_str());
+    const auto dtype = param_dtype(p, op, item("params", i).c_str());
+    const int64_t numel = p.numel();
+    check_tensor(grads[i], p, op, item("grads", i).c_str(), p.scalar_type(), numel);
+    Group8& g = groups[static_cast<int>(dtype)];
+    g.params.push_back(p.data_ptr());
+    g.grads.push_back(grads[i].data_ptr());
+    const int64_t blocks = (numel + 255) / 256;
+    if (slots >= 1) {
+      check_tensor(state1[i], p, op, item("state1", i).c_str(), at::kByte, numel);
+      check_tensor(absmax1[i], p, op, item("absmax1", i).c_str(), at::kFloat, blocks);
+      g.q1.push_back(state1[i].data_ptr<uint8_t>());
+      g.a1.push_back(absmax1[i].data_ptr<float>());
+    }
+    if (slots >= 2) {
+      check_tensor(state2[i], p, op, item("state2", i).c_str(), at::kByte, numel);
+      check_tensor(absmax2[i], p, op, item("absmax2", i).c_str(), at::kFloat, blocks);
+      g.q2.push_back(state2[i].data_ptr<uint8_t>());
+      g.a2.push_back(absmax2[i].data_ptr<float>());
+    }
+    const int32_t* c = nullptr;
+    if (codes.size() > 0) {
+      const std::optional<Tensor> ci = codes.get(i);
+      if (ci.has_value()) {
+        check_tensor(*ci, p, op, item("codes", i).c_str(), at::kInt, code_words(numel));
+        c = ci->data_ptr<int32_t>();
+      }
+    }
+    g.codes.push_back(c);
+    g.numels.push_back(numel);
+    g.slots.push_back(i);
+  }
+  for (int d = 0; d < 3; ++d) {
+    Group8& g = groups[d];
+    if (g.params.empty()) continue;
+    cpl_cuda::StepParams p;
+    p.kind = kind_name.c_str();
+    p.hyper = hyper.data();
+    p.num_tensors = static_cast<int64_t>(g.params.size());
+    p.params = g.params.data();
+    p.grads = g.grads.data();
+    p.state1 = p.state2 = nullptr;
+    p.q1 = slots >= 1 ? g.q1.data() : nullptr;
+    p.absmax1 = slots >= 1 ? g.a1.data() : nullptr;
+    p.q2 = slots >= 2 ? g.q2.data() : nullptr;
+    p.absmax2 = slots >= 2 ? g.a2.data() : nullptr;
+    p.qmaps = qmaps.data_ptr<float>();
+    p.codes = g.codes.data();
+    p.numels = g.numels.data();
+    p.count_slots = g.slots.data();
+    p.dtype = static_cast<cpl_cuda::DType>(d);
+    p.step = step_d.data_ptr<double>();
+    p.lr = lr_d.data_ptr<double>();
+    p.grad_scale = grad_scale ? scale_d.data_ptr<float>() : nullptr;
+    p.found_inf = found_inf ? found_d.data_ptr<int32_t>() : nullptr;
+    p.criterion = crit;
+    p.strict = strict;
+    p.skip_nonfinite = skip_nonfinite;
+    p.counts = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
+    p.count_stride = n;
+    check_launch(cpl_cuda::launch_cpl_step(p, c10::cuda::getCurrentCUDAStream()), op);
+  }
+  return counts;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cpl, CUDA, m) {
@@ -379,4 +499,5 @@ TORCH_LIBRARY_IMPL(cpl, CUDA, m) {
   m.impl("masked_adamw_step_", &masked_adamw_step_cuda);
   m.impl("cpl_mask_words", &cpl_mask_words_cuda);
   m.impl("cpl_step_", &cpl_step_cuda);
+  m.impl("cpl_step_8bit_", &cpl_step_8bit_cuda);
 }

@@ -67,6 +67,7 @@ cudaError_t launch_cpl_step(const StepParams& p, cudaStream_t stream) {
     const D dir = D::make(p.hyper);
     err = dispatch_dtype(p.dtype, [&](auto dtype_tag) {
       using T = decltype(dtype_tag);
+      if (p.qmaps) return launch_engine_8bit<T, D>(p, dir, args, stream);  // the 8-bit state format
       return launch_engine<T, D>(p, dir, args, stream);
     });
   }, Directions{});

@@ -45,7 +45,7 @@ INJECT = [
      f"epoch) point of each method (default {','.join(f'{x:g}' for x in _D.lrs)})"),
     ("--seeds", "seeds", str, "comma list of seeds (batch order, sampled batches, masks; default 0)"),
     ("--optimizer", "optimizer", str, f"one of {', '.join(OPTIMIZERS)} (default {_D.optimizer}); "
-     "momentum = SGD with --momentum"),
+     "momentum = SGD with --momentum; adamw8bit = AdamW with 8-bit blockwise m, v (cpl_kernels.CPLAdamW8bit)"),
     ("--epochs", "epochs", int, f"injection epochs (default {_D.epochs})"),
     ("--batch-size", "batch_size", int, f"injection batch size (default {_D.batch_size})"),
     ("--weight-decay", "weight_decay", float, f"AdamW weight decay (default {_D.weight_decay:g})"),

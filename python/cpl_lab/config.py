@@ -23,7 +23,7 @@ METHODS = tuple(METHOD_HELP)
 # A decade around the rate where fine-tuning learns every fact within the epochs; the budgeted
 # metric picks, per method, the best (lr, epoch) point of this grid.
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3)
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "adamw8bit")
 # Methods whose step needs no more than one parameter's gradient at a time (--in-backward).
 IN_BACKWARD_METHODS = ("ft", "cpl")
 

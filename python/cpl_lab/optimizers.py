@@ -1,7 +1,10 @@
 """The four optimizers of the paper, plain (torch.optim) or with the CPL rule (cpl_kernels).
 
 Plain fine-tuning and the baselines use torch.optim itself, not a CPL optimizer without a
-reference: the baseline is then torch's own code, whatever cpl_kernels does.
+reference: the baseline is then torch's own code, whatever cpl_kernels does. The exception is
+"adamw8bit" (8-bit blockwise m and v), which torch does not have: there the baselines use
+CPLAdamW8bit with no reference (an 8-bit AdamW that tracks torchao's AdamW8bit, tested in
+tests/test_optim_8bit.py) and CPL uses it with one.
 """
 from __future__ import annotations
 
@@ -19,12 +22,16 @@ def _kwargs(kind: str, lr: float, cfg: LabConfig) -> dict:
         return dict(lr=lr, momentum=cfg.momentum)
     if kind == "adam":
         return dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    if kind == "adamw":
+    if kind in ("adamw", "adamw8bit"):
         return dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {kind!r}")
 
 
 def plain(params, lr: float, cfg: LabConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw8bit":
+        opt = cpl_kernels.CPLAdamW8bit(params, **_kwargs(cfg.optimizer, lr, cfg))
+        opt.clear_reference()  # plain 8-bit AdamW: running without a reference is intended
+        return opt
     cls = {"sgd": torch.optim.SGD, "momentum": torch.optim.SGD, "adam": torch.optim.Adam,
            "adamw": torch.optim.AdamW}[cfg.optimizer]
     return cls(params, **_kwargs(cfg.optimizer, lr, cfg))
@@ -32,7 +39,7 @@ def plain(params, lr: float, cfg: LabConfig) -> torch.optim.Optimizer:
 
 def cpl(params, lr: float, cfg: LabConfig):
     cls = {"sgd": cpl_kernels.CPLSGD, "momentum": cpl_kernels.CPLSGD, "adam": cpl_kernels.CPLAdam,
-           "adamw": cpl_kernels.CPLAdamW}[cfg.optimizer]
+           "adamw": cpl_kernels.CPLAdamW, "adamw8bit": cpl_kernels.CPLAdamW8bit}[cfg.optimizer]
     return cls(params, criterion=cfg.criterion, strict=cfg.strict, **_kwargs(cfg.optimizer, lr, cfg))
 
 
@@ -40,6 +47,6 @@ def masked(params, masks, lr: float, cfg: LabConfig):
     """MaskedAdamW (compact state) for a static mask. It is AdamW only: with "adam" the weight
     decay is zero, which is Adam; SGD has no compact-state counterpart in the library."""
     if cfg.optimizer not in ("adam", "adamw"):
-        raise ValueError(f"mask methods (cpl-once, cpl-masked-epoch, random-once) use MaskedAdamW and need "
-                         f"--optimizer adam or adamw, not {cfg.optimizer!r}")
+        raise ValueError(f"mask methods (cpl-once, cpl-masked-epoch, random-once) use MaskedAdamW (fp32 state) "
+                         f"and need --optimizer adam or adamw, not {cfg.optimizer!r}")
     return cpl_kernels.MaskedAdamW(params, masks=masks, **_kwargs(cfg.optimizer, lr, cfg))

@@ -1,0 +1,139 @@
+// Quantization of the 8-bit state format (docs/design.md section 8) on CPU: the code of y (a value
+// of a block divided by its absmax, so |y| <= 1, or NaN) is the number of thresholds <= y
+// (cpl_kernels/quant8.py: the thresholds encode torchao's nearest-entry rule exactly).
+//
+// Why a bucket table: counting by an 8-step binary search costs 8 dependent table loads a value
+// (28 ns a value on one core of the 2-core EPYC); here the fp32 bits of y pick a bucket, and the
+// buckets are fine enough that at most one of the 255 thresholds of the bitsandbytes maps falls
+// in each, so the count is the thresholds below the bucket plus one compare with the bucket's
+// next threshold: two independent table loads. Buckets: the order-preserving integer key of y,
+// with magnitudes under 2^-24 folded to 0 (no threshold lies there: the smallest are ~1.6e-7) and
+// the rest cut every 2^15 keys (256 buckets an octave; 2^16 put two thresholds of the maps in
+// some buckets). The table (12289 buckets, 96 KiB) is built per call from the qmaps argument and
+// checked: a map whose thresholds are not sorted or fall two to a bucket is refused
+// (BucketTable::build returns false).
+//
+// AVX2 (codes_avx2, dequantize_avx2): the same tables read with gathers, 8 values at a time (GCC
+// leaves the scalar loops' table loads unvectorised); the same IEEE operations, the same codes.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "simd.h"
+
+#if CPL_HAVE_AVX2_DISPATCH
+#include <immintrin.h>
+#endif
+
+namespace cpl {
+namespace cpu {
+namespace quant8 {
+
+constexpr int kMapEntries = 256;
+constexpr int kShift = 15;
+constexpr int32_t kKeyOne = 0x3f800000;   // key of 1.0f
+constexpr int32_t kKeyTiny = 0x33800000;  // key of 2^-24
+constexpr int32_t kHalf = (kKeyOne - kKeyTiny) >> kShift;
+constexpr int kBuckets = 2 * kHalf + 1;
+
+// Integer keys ordered as the fp32 values (both zeros: 0; NaN: beyond every finite key).
+CPL_INLINE int32_t order_key(float y) {
+  int32_t b;
+  std::memcpy(&b, &y, sizeof b);
+  return b >= 0 ? b : -(b & 0x7fffffff);
+}
+
+CPL_INLINE int32_t bucket_of(int32_t k) {
+  k = k < -kKeyOne ? -kKeyOne : (k > kKeyOne ? kKeyOne : k);
+  const int32_t a = k < 0 ? -k : k;
+  int32_t v = a - kKeyTiny;
+  v = (v < 0 ? 0 : v) >> kShift;
+  return k < 0 ? kHalf - v : kHalf + v;
+}
+
+struct BucketTable {
+  alignas(64) int32_t below[kBuckets];  // thresholds below each bucket
+  alignas(64) float next[kBuckets];     // threshold `below` (the only one that can lie in the bucket), or +inf
+
+  // From 256 thresholds (the last +inf, ignored); false when the map breaks the table's premise.
+  bool build(const float* thresholds) {
+    constexpr float kInf = __builtin_inff();
+    int32_t in_bucket[kBuckets] = {};
+    for (int c = 0; c < kMapEntries - 1; ++c) {
+      const float t = thresholds[c];
+      if (c > 0 && !(thresholds[c - 1] <= t)) return false;  // also NaN
+      if (!(t >= -1.f && t <= 1.f)) return false;
+      if (++in_bucket[bucket_of(order_key(t))] > 1) return false;
+    }
+    int32_t count = 0;
+    for (int b = 0; b < kBuckets; ++b) {
+      below[b] = count;
+      next[b] = count < kMapEntries - 1 ? thresholds[count] : kInf;
+      count += in_bucket[b];
+    }
+    return true;
+  }
+
+  // The code of y; NaN: 0.
+  CPL_INLINE int32_t code(float y) const {
+    const int32_t b = bucket_of(order_key(y));
+    const int32_t c = below[b] + static_cast<int32_t>(y >= next[b]);
+    return y == y ? c : 0;
+  }
+};
+
+#if CPL_HAVE_AVX2_DISPATCH
+// The codes of 8 values (as int32): BucketTable::code, lane for lane.
+CPL_TARGET_AVX2 CPL_INLINE __m256i code8(const BucketTable& t, __m256 y) {
+  const __m256i bits = _mm256_castps_si256(y);
+  // order_key: a negative float's key is minus its magnitude's bits (blendv_ps picks by sign bit).
+  const __m256i neg_key = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)));
+  __m256i k = _mm256_castps_si256(_mm256_blendv_ps(y, _mm256_castsi256_ps(neg_key), y));
+  k = _mm256_min_epi32(_mm256_max_epi32(k, _mm256_set1_epi32(-kKeyOne)), _mm256_set1_epi32(kKeyOne));
+  const __m256i v = _mm256_srli_epi32(
+      _mm256_max_epi32(_mm256_sub_epi32(_mm256_abs_epi32(k), _mm256_set1_epi32(kKeyTiny)), _mm256_setzero_si256()), kShift);
+  const __m256i half = _mm256_set1_epi32(kHalf);
+  const __m256i negative = _mm256_cmpgt_epi32(_mm256_setzero_si256(), k);
+  const __m256i bucket = _mm256_blendv_epi8(_mm256_add_epi32(half, v), _mm256_sub_epi32(half, v), negative);
+  const __m256i below = _mm256_i32gather_epi32(t.below, bucket, 4);
+  const __m256 next = _mm256_i32gather_ps(t.next, bucket, 4);
+  // A true compare is -1 as an integer: subtracting it adds 1. NaN compares false (ordered).
+  const __m256i c = _mm256_sub_epi32(below, _mm256_castps_si256(_mm256_cmp_ps(y, next, _CMP_GE_OQ)));
+  return _mm256_and_si256(c, _mm256_castps_si256(_mm256_cmp_ps(y, y, _CMP_ORD_Q)));  // NaN: 0
+}
+
+// out[k] = code(x[k] / scale) for k < n: 32 values a round (four gathers of 8, packed to bytes).
+CPL_TARGET_AVX2 __attribute__((noinline)) inline void codes_avx2(const BucketTable& t, const float* __restrict x,
+                                                                 float scale, int64_t n, uint8_t* __restrict out) {
+  const __m256 s = _mm256_set1_ps(scale);
+  // packus interleaves the 128-bit lanes: dwords come out as a0 b0 c0 d0 a1 b1 c1 d1.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) {
+    const __m256i a = code8(t, _mm256_div_ps(_mm256_loadu_ps(x + k), s));
+    const __m256i b = code8(t, _mm256_div_ps(_mm256_loadu_ps(x + k + 8), s));
+    const __m256i c = code8(t, _mm256_div_ps(_mm256_loadu_ps(x + k + 16), s));
+    const __m256i d = code8(t, _mm256_div_ps(_mm256_loadu_ps(x + k + 24), s));
+    const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), _mm256_permutevar8x32_epi32(bytes, order));
+  }
+  for (int64_t j = k; j < n; ++j) out[j] = static_cast<uint8_t>(t.code(x[j] / scale));
+}
+
+// out[k] = values[q[k]] * scale for k < n (engine.h dequantize's arithmetic).
+CPL_TARGET_AVX2 __attribute__((noinline)) inline void dequantize_avx2(const uint8_t* __restrict q, const float* __restrict values,
+                                                                      float scale, int64_t n, float* __restrict out) {
+  const __m256 s = _mm256_set1_ps(scale);
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k)));
+    _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_i32gather_ps(values, idx, 4), s));
+  }
+  for (int64_t j = k; j < n; ++j) out[j] = values[q[j]] * scale;
+}
+#endif
+
+}  // namespace quant8
+}  // namespace cpu
+}  // namespace cpl
