@@ -59,7 +59,7 @@ def _as_ptr(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 @triton.jit
 def _rule_tile(p_ptr, g_ptr, s1_ptr, s2_ptr, codes_ptr, scale_ptr, elem, words, lanes, live, code_live,
                lr, beta1, beta2, one_minus_beta1, one_minus_beta2, bias_correction1,
-               bias_correction2_sqrt, eps, weight_decay, momentum, one_minus_dampening,
+               bias_correction2_sqrt, eps, weight_decay, momentum, one_minus_dampening, threshold,
                HAS_CODES: tl.constexpr, CRITERION_UPDATE: tl.constexpr, STRICT: tl.constexpr,
                SKIP_NONFINITE: tl.constexpr, HAS_SCALE: tl.constexpr, KIND: tl.constexpr,
                HAS_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
@@ -97,7 +97,7 @@ def _rule_tile(p_ptr, g_ptr, s1_ptr, s2_ptr, codes_ptr, scale_ptr, elem, words, 
         g = tl.where(ok, g, 0.0)
     u, n1, n2 = direction(g, p, s1, s2, beta1, beta2, one_minus_beta1, one_minus_beta2,  # 5.
                           bias_correction1, bias_correction2_sqrt, eps, weight_decay, momentum,
-                          one_minus_dampening, KIND, HAS_DECAY, HAS_MOMENTUM, NESTEROV, INIT_BUFFER)
+                          one_minus_dampening, threshold, KIND, HAS_DECAY, HAS_MOMENTUM, NESTEROV, INIT_BUFFER)
     if CRITERION_UPDATE:  # 6. criterion "update"
         ok = collaborative(u, r)
     good = bad == 0
@@ -119,7 +119,7 @@ def _rule_tile(p_ptr, g_ptr, s1_ptr, s2_ptr, codes_ptr, scale_ptr, elem, words, 
 @triton.jit(do_not_specialize=["program_base", "total_programs"])
 def _step_kernel(table_ptr, partial_ptr, found_ptr, scale_ptr, program_base, total_programs, lr,
                  beta1, beta2, one_minus_beta1, one_minus_beta2, bias_correction1,
-                 bias_correction2_sqrt, eps, weight_decay, momentum, one_minus_dampening,
+                 bias_correction2_sqrt, eps, weight_decay, momentum, one_minus_dampening, threshold,
                  DTYPE: tl.constexpr, TABLE: tl.constexpr, BLOCK_WORDS: tl.constexpr,
                  ALIGNED: tl.constexpr, HAS_CODES: tl.constexpr, CRITERION_UPDATE: tl.constexpr,
                  STRICT: tl.constexpr, SKIP_NONFINITE: tl.constexpr, HAS_SCALE: tl.constexpr,
@@ -156,7 +156,7 @@ def _step_kernel(table_ptr, partial_ptr, found_ptr, scale_ptr, program_base, tot
         conflicting, nonfinite = _rule_tile(
             p_ptr, g_ptr, s1_ptr, s2_ptr, codes_ptr, scale_ptr, elem, words, lanes, live, code_live, lr,
             beta1, beta2, one_minus_beta1, one_minus_beta2, bias_correction1, bias_correction2_sqrt, eps,
-            weight_decay, momentum, one_minus_dampening, HAS_CODES, CRITERION_UPDATE, STRICT,
+            weight_decay, momentum, one_minus_dampening, threshold, HAS_CODES, CRITERION_UPDATE, STRICT,
             SKIP_NONFINITE, HAS_SCALE, KIND, HAS_DECAY, HAS_MOMENTUM, NESTEROV, INIT_BUFFER, HAS_S1,
             HAS_S2, LOAD_S1, LOAD_S2)
     else:  # the tensor's last, partial chunk
@@ -165,7 +165,7 @@ def _step_kernel(table_ptr, partial_ptr, found_ptr, scale_ptr, program_base, tot
         conflicting, nonfinite = _rule_tile(
             p_ptr, g_ptr, s1_ptr, s2_ptr, codes_ptr, scale_ptr, elem, words, lanes, live, code_live, lr,
             beta1, beta2, one_minus_beta1, one_minus_beta2, bias_correction1, bias_correction2_sqrt, eps,
-            weight_decay, momentum, one_minus_dampening, HAS_CODES, CRITERION_UPDATE, STRICT,
+            weight_decay, momentum, one_minus_dampening, threshold, HAS_CODES, CRITERION_UPDATE, STRICT,
             SKIP_NONFINITE, HAS_SCALE, KIND, HAS_DECAY, HAS_MOMENTUM, NESTEROV, INIT_BUFFER, HAS_S1,
             HAS_S2, LOAD_S1, LOAD_S2)
     tl.store(partial_ptr + program_base + pid, conflicting)
