@@ -5,7 +5,8 @@ from .adamw import CPLAdamW  # noqa: F401
 from .in_backward import InBackward, in_backward  # noqa: F401
 from .lion import CPLLion  # noqa: F401
 from .masked_adamw import MaskedAdamW  # noqa: F401
+from .mofo import MoFOAdamW  # noqa: F401
 from .sgd import CPLSGD  # noqa: F401
 
-__all__ = ["CPLAdam", "CPLAdamW", "CPLLion", "CPLSGD", "InBackward", "MaskedAdamW", "in_backward",
+__all__ = ["CPLAdam", "CPLAdamW", "CPLLion", "CPLSGD", "InBackward", "MaskedAdamW", "MoFOAdamW", "in_backward",
            "state_bytes"]

@@ -221,6 +221,12 @@ class CPLOptimizer(StateOptimizer):
     def _check_group(self, owner: str, group, lr: float) -> None:
         """Validates the group's hyperparameters (the step raises before writing anything)."""
 
+    def _engine_calls(self, group, fresh: bool, bucket: list, grad_scale):
+        """The engine calls stepping one bucket (entries (item, state slots, codes) sharing a step
+        count): (entries, hyper) pairs, evaluated lazily as the step runs. One call for the whole
+        bucket; a kind with a per-tensor hyperparameter (MoFO's threshold) makes one per entry."""
+        return [(bucket, self._hyper(group, fresh))]
+
     def _plan_group(self, group, items: list[Item]):
         owner = type(self).__name__
         lr = lr_value(owner, group["lr"])
@@ -260,18 +266,19 @@ class CPLOptimizer(StateOptimizer):
             for p, key, value in installs:
                 self.state[p][key] = value
             frozen, nonfinite = [], []
-            for (step, fresh), bucket in buckets.items():
-                counts = engine.cpl_step_(
-                    [it.work_param for it, _, _ in bucket], [it.work_grad for it, _, _ in bucket],
-                    [s[0] for _, s, _ in bucket] if len(keys) >= 1 else [],
-                    [s[1] for _, s, _ in bucket] if len(keys) >= 2 else [],
-                    [c for _, _, c in bucket], kind, step, lr, self._hyper(group, fresh),
-                    group["criterion"], group["strict"], mode is not False, grad_scale, None)
-                frozen.append(counts[0].sum())
-                nonfinite.append(([it.param for it, _, _ in bucket], counts[1]))
-                if self.COUNTS_STEPS:
-                    for it, _, _ in bucket:
-                        self.state[it.param]["step"] += 1
+            for (step, fresh), whole in buckets.items():
+                for bucket, hyper in self._engine_calls(group, fresh, whole, grad_scale):
+                    counts = engine.cpl_step_(
+                        [it.work_param for it, _, _ in bucket], [it.work_grad for it, _, _ in bucket],
+                        [s[0] for _, s, _ in bucket] if len(keys) >= 1 else [],
+                        [s[1] for _, s, _ in bucket] if len(keys) >= 2 else [],
+                        [c for _, _, c in bucket], kind, step, lr, hyper,
+                        group["criterion"], group["strict"], mode is not False, grad_scale, None)
+                    frozen.append(counts[0].sum())
+                    nonfinite.append(([it.param for it, _, _ in bucket], counts[1]))
+                    if self.COUNTS_STEPS:
+                        for it, _, _ in bucket:
+                            self.state[it.param]["step"] += 1
             self._record(frozen, sum(it.local.numel() for it in items))
             self._nonfinite.append(nonfinite)
 
