@@ -7,6 +7,9 @@ move, not what an implementation happens to move):
   CPL AdamW bf16 params 22.25  p, g 2 B each (p read + write), m, v fp32, codes
   CPL SGD momentum      20.25  read p, g, buf; write p, buf; codes (torch SGD momentum: 20)
   CPL Lion              20.25  read p, g, m; write p, m; codes
+  MoFOAdamW             28     AdamW's pass (+0.25 with a reference); its threshold's sampled read
+                               (16K elements of m and g per tensor above 16K, all of smaller ones)
+                               is not counted: it is the overhead the ratio shows
   paper-style eager     32     AdamW's 28 + the fp32 reference read (its real traffic is higher:
                                temporaries; that is the point of the comparison)
   MaskedAdamW           12 * L + 16 * f + 0.133, L = fraction of 64-byte lines of p holding an
@@ -26,7 +29,7 @@ import torch
 
 import cpl_kernels
 from cpl_kernels import ops
-from cpl_kernels.optim import CPLAdam, CPLAdamW, CPLLion, CPLSGD, MaskedAdamW, state_bytes
+from cpl_kernels.optim import CPLAdam, CPLAdamW, CPLLion, CPLSGD, MaskedAdamW, MoFOAdamW, state_bytes
 
 from .common import Case, clone_params, lines_touched, make_params, reference_grads
 from .paper_style import PaperStyleCPLAdamW
@@ -111,6 +114,20 @@ def cpl_cases(base, refs, with_reference_backend: bool) -> list[Case]:
     return out
 
 
+def mofo_cases(base, refs) -> list[Case]:
+    """MoFOAdamW with default options (alpha 0.15, one engine call and one threshold per tensor),
+    alone and with a CPL reference (criterion "gradient", the lab's cpl-mofo)."""
+    n = _numel(base)
+    plain = MoFOAdamW(clone_params(base))
+    out = [Case("MoFOAdamW cpp fp32", "mofo", _stepper(plain), 28.0, plain.state_bytes() / n, n,
+                note="default options (alpha 0.15), no reference")]
+    both = MoFOAdamW(clone_params(base), criterion="gradient")
+    both.set_reference_from_grads(refs)
+    out.append(Case("MoFOAdamW cpp fp32, reference set", "mofo", _stepper(both), 28.25, both.state_bytes() / n, n,
+                    note="criterion 'gradient' (cpl-mofo)"))
+    return out
+
+
 def random_mask(p: torch.Tensor, frac: float, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(p.shape, generator=gen) < frac
 
@@ -163,7 +180,7 @@ def all_cases(total: int, small: bool) -> list[Case]:
     assert cpl_kernels.native_loaded(), "cpl_kernels._C is not built: pip install --no-build-isolation -e ."
     base = make_params(total)
     refs = reference_grads(base)
-    cases = torch_cases(base) + cpl_cases(base, refs, with_reference_backend=small)
+    cases = torch_cases(base) + cpl_cases(base, refs, with_reference_backend=small) + mofo_cases(base, refs)
     cases += masked_cases(base) if small else masked_cases(base, fractions=(0.3,), structured=())
     if small:
         cases += pack_stats_cases(base, refs)

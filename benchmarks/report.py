@@ -65,10 +65,13 @@ def table(rows: list[dict]) -> str:
 
 
 def targets(rows: list[dict], memory: list[dict]) -> list[str]:
-    """The issue's targets (16M fp32), read off the measured rows."""
+    """The issue's targets (16M fp32; MoFO at every size), read off the measured rows."""
+    mofo = [f"MoFOAdamW ({x['size']}, default options{', reference set' if 'reference' in x['name'] else ''}) / "
+            f"torch fused AdamW: {x['x_torch_fused']}x (target <= 1.15), {x['pct_bandwidth']}% of bandwidth"
+            for x in rows if x["name"].startswith("MoFOAdamW")]
     r = {x["name"]: x for x in rows if x["size"] == "16M"}
     if not r:
-        return []
+        return mofo
     cpl, paper = r["CPLAdamW cpp fp32"], r["paper-style eager CPL AdamW"]
     masked = r["MaskedAdamW 30% active (random)"]
     rows_masked = r.get("MaskedAdamW 30% active (rows)")
@@ -93,6 +96,7 @@ def targets(rows: list[dict], memory: list[dict]) -> list[str]:
     if rows_masked:
         out.append(f"MaskedAdamW 30% rows / torch fused AdamW: {rows_masked['x_torch_fused']}x, "
                    f"state {rows_masked['state_bytes_per_param']} B/param")
+    out += mofo
     extra = {x["optimizer"]: x for x in memory if x["model"] == "llama-100m"}
     if "cpladamw" in extra and "adamw" in extra:
         out.append(f"CPLAdamW extra peak memory over AdamW (100M Llama step): "
