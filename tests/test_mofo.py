@@ -255,3 +255,14 @@ def test_torch_adamw_checkpoint_loads_and_keeps_alpha():
     opt.load_state_dict(t.state_dict())
     assert opt.param_groups[0]["alpha"] == 0.2
     assert torch.equal(opt.state[p]["exp_avg"], t.state[p]["exp_avg"])
+
+
+def test_a_mofo_checkpoint_is_refused_by_cpladamw():
+    p = torch.nn.Parameter(torch.randn(10))
+    opt = cpl_kernels.MoFOAdamW([p])
+    p.grad = torch.randn(10)
+    opt.step()
+    other = cpl_kernels.CPLAdamW([p])
+    with pytest.raises(ValueError, match=r"saved by MoFOAdamW.*load it into MoFOAdamW"):
+        other.load_state_dict(opt.state_dict())
+    assert not other.state
