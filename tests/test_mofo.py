@@ -157,6 +157,9 @@ def _momenta(kind, n, gen):
         chi = torch.distributions.Chi2(torch.tensor(1.5)).sample((n,))
         return z / (chi / 1.5).sqrt()
     rows, cols = n // 1024, 1024
+    if kind == "rows":  # per-row scales over three decades: a line's 16 elements alike (the worst case)
+        scale = 10.0 ** (-3 * torch.rand(rows, 1, generator=gen))
+        return (torch.randn(rows, cols, generator=gen) * scale).reshape(-1)
     if kind == "columns":  # per-column scales over three decades (a weight matrix)
         scale = 10.0 ** (-3 * torch.rand(cols, generator=gen))
         return (torch.randn(rows, cols, generator=gen) * scale).reshape(-1)
@@ -167,7 +170,9 @@ def _momenta(kind, n, gen):
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["normal", "heavy", "columns", "zero-rows"])
+# Measured |kept - alpha| (docs/optimizers.md lists them): at most 0.0078, against bounds of
+# 0.034 / 0.056 / 0.078 at alpha 0.05 / 0.15 / 0.5.
+@pytest.mark.parametrize("kind", ["normal", "heavy", "columns", "rows", "zero-rows"])
 @pytest.mark.parametrize("alpha", [0.05, 0.15, 0.5])
 def test_sampled_threshold_keeps_alpha_within_the_stated_bound(kind, alpha):
     n = (1 << 22) + 1024 * 7  # 4.2M: 64x the sample
@@ -179,7 +184,7 @@ def test_sampled_threshold_keeps_alpha_within_the_stated_bound(kind, alpha):
     kept = (exact >= t).double().mean().item()
     bound = mf.kept_error_bound(alpha)
     assert abs(kept - alpha) <= bound, (kept, alpha, bound)
-    assert abs(kept_estimate / n - kept) <= 2 * bound
+    assert abs(kept_estimate / n - kept) <= bound
 
 
 def test_exact_threshold_below_the_sample_size():
