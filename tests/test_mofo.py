@@ -271,3 +271,19 @@ def test_a_mofo_checkpoint_is_refused_by_cpladamw():
     with pytest.raises(ValueError, match=r"saved by MoFOAdamW.*load it into MoFOAdamW"):
         other.load_state_dict(opt.state_dict())
     assert not other.state
+
+
+@pytest.mark.parametrize("criterion", ["update", "gradient"])
+def test_batched_thresholds_equal_the_per_tensor_ones(criterion):
+    gen = torch.Generator().manual_seed(8)
+    sizes = [5, mf.SAMPLE, mf.SAMPLE + 17, 3 * mf.SAMPLE, 100_000]
+    tensors = []
+    for i, n in enumerate(sizes):
+        m, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen).bfloat16()
+        codes = ref.pack_signs_(torch.randn(n, generator=gen), torch.empty(ref.num_code_words(n),
+                                                                          dtype=torch.int32)) if i % 2 else None
+        tensors.append((m, g, codes))
+    scale = torch.tensor(3.0)
+    for alpha in (0.15, 0.7, 1.0):
+        want = [mf.threshold(m, g, alpha, 0.9, c, criterion, scale) for m, g, c in tensors]
+        assert mf.thresholds(tensors, alpha, 0.9, criterion, scale) == want

@@ -124,3 +124,38 @@ def threshold(m: Tensor, g: Tensor, alpha: float, beta1: float, codes: Tensor | 
     if ids is not None:
         return float(t.item()), k * (n / a.numel())
     return float(t.item()), float((a >= t).sum().item())
+
+
+def thresholds(tensors: list[tuple[Tensor, Tensor, Tensor | None]], alpha: float, beta1: float,
+               criterion: str = "update", grad_scale: Tensor | None = None) -> list[tuple[float, float]]:
+    """threshold() of every (m, g, codes) of a list (one device), the same values: the sampled
+    tensors' samples are stacked and go through one set of ops and one batched topk, and one host
+    read fetches all their thresholds (per tensor they cost ~10 small torch ops and a sync each,
+    which on a 35-tensor model step was most of the threshold's cost)."""
+    out: list[tuple[float, float] | None] = [None] * len(tensors)
+    big = []
+    for i, (m, g, codes) in enumerate(tensors):
+        if alpha >= 1.0 or m.numel() <= SAMPLE:
+            out[i] = threshold(m, g, alpha, beta1, codes, criterion, grad_scale)
+        else:
+            big.append(i)
+    if big:
+        ids = [sample_lines(tensors[i][0].numel(), tensors[i][0].device) for i in big]
+        m = torch.stack([_gather_lines(tensors[i][0], d) for i, d in zip(big, ids)])
+        g = torch.stack([_gather_lines(tensors[i][1], d).float() for i, d in zip(big, ids)])
+        if grad_scale is not None:
+            g = _div(g, grad_scale.reshape(1, 1).to(device=g.device, dtype=torch.float32))
+        g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        if criterion == "gradient" and any(tensors[i][2] is not None for i in big):
+            signs = torch.stack([_signs_at(tensors[i][2], d) if tensors[i][2] is not None
+                                 else torch.zeros(SAMPLE, device=g.device) for i, d in zip(big, ids)])
+            g = torch.where(_collaborative(g, signs), g, torch.zeros_like(g))
+        a = m.mul_(f32(beta1)).add_(g.mul_(f32(1.0 - beta1))).abs_().nan_to_num_(nan=0.0)
+        k = max(1, int(alpha * SAMPLE))
+        if k <= SAMPLE - k + 1:
+            t = a.topk(k, dim=1, sorted=False).values.amin(dim=1)
+        else:
+            t = a.topk(SAMPLE - k + 1, dim=1, largest=False, sorted=False).values.amax(dim=1)
+        for i, value in zip(big, t.tolist()):
+            out[i] = (value, k * (tensors[i][0].numel() / SAMPLE))
+    return out

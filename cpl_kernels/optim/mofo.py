@@ -105,15 +105,13 @@ class MoFOAdamW(CPLAdamW):
         check_alpha(owner, group.get("alpha"), "the param group's 'alpha'")
 
     def _engine_calls(self, group, fresh: bool, bucket: list, grad_scale):
-        """One engine call per tensor, its threshold computed just before it (nothing written
-        before: the threshold reads m and g only)."""
+        """One engine call per tensor. Every threshold of the bucket is computed first, from m and
+        g only, before any call writes (optim/_momentum_filter.thresholds)."""
         hyper = self._hyper(group, fresh)
-        alpha, beta1 = group["alpha"], group["betas"][0]
-        for entry in bucket:
-            item, slots, codes = entry
-            t, kept = _momentum_filter.threshold(slots[0], item.work_grad, alpha, beta1, codes,
-                                                 group["criterion"], grad_scale)
-            self._kept.append((kept, item.work_grad.numel()))
+        found = _momentum_filter.thresholds([(slots[0], item.work_grad, codes) for item, slots, codes in bucket],
+                                            group["alpha"], group["betas"][0], group["criterion"], grad_scale)
+        for entry, (t, kept) in zip(bucket, found):
+            self._kept.append((kept, entry[0].work_grad.numel()))
             yield [entry], hyper + [t]
 
     def _begin_step(self) -> None:
