@@ -11,7 +11,7 @@ def test_baselines(benchmark, size, name):
     run(benchmark, size, name)
 
 
-@pytest.mark.parametrize("size,name", params("cpl"))
+@pytest.mark.parametrize("size,name", params("cpl") + params("mofo"))
 def test_cpl_steps(benchmark, size, name):
     benchmark.group = f"steps {size}"
     run(benchmark, size, name)

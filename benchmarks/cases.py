@@ -10,6 +10,9 @@ move, not what an implementation happens to move):
   CPL AdamW 8-bit       16.31  read p, g (4 B each), m, v codes (1 B each), absmax (2 x 4/256), codes;
                                write p, m, v codes, absmax (tensors < 4096 elements: fp32 state, 28.25)
   torchao AdamW8bit     16.06  the same without the sign codes
+  MoFOAdamW             28     AdamW's pass (+0.25 with a reference); its threshold's sampled read
+                               (16K elements of m and g per tensor above 16K, all of smaller ones)
+                               is not counted: it is the overhead the ratio shows
   paper-style eager     32     AdamW's 28 + the fp32 reference read (its real traffic is higher:
                                temporaries; that is the point of the comparison)
   MaskedAdamW           12 * L + 16 * f + 0.133, L = fraction of 64-byte lines of p holding an
@@ -30,7 +33,7 @@ import torch
 
 import cpl_kernels
 from cpl_kernels import ops
-from cpl_kernels.optim import CPLAdam, CPLAdamW, CPLAdamW8bit, CPLLion, CPLSGD, MaskedAdamW, state_bytes
+from cpl_kernels.optim import CPLAdam, CPLAdamW, CPLAdamW8bit, CPLLion, CPLSGD, MaskedAdamW, MoFOAdamW, state_bytes
 
 from .common import Case, clone_params, lines_touched, make_params, reference_grads
 from .paper_style import PaperStyleCPLAdamW
@@ -143,6 +146,20 @@ def cpl_cases(base, refs, with_reference_backend: bool) -> list[Case]:
     return out
 
 
+def mofo_cases(base, refs) -> list[Case]:
+    """MoFOAdamW with default options (alpha 0.15, one engine call and one threshold per tensor),
+    alone and with a CPL reference (criterion "gradient", the lab's cpl-mofo)."""
+    n = _numel(base)
+    plain = MoFOAdamW(clone_params(base))
+    out = [Case("MoFOAdamW cpp fp32", "mofo", _stepper(plain), 28.0, plain.state_bytes() / n, n,
+                note="default options (alpha 0.15), no reference")]
+    both = MoFOAdamW(clone_params(base), criterion="gradient")
+    both.set_reference_from_grads(refs)
+    out.append(Case("MoFOAdamW cpp fp32, reference set", "mofo", _stepper(both), 28.25, both.state_bytes() / n, n,
+                    note="criterion 'gradient' (cpl-mofo)"))
+    return out
+
+
 def random_mask(p: torch.Tensor, frac: float, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(p.shape, generator=gen) < frac
 
@@ -198,7 +215,7 @@ def pack_stats_cases(base, refs) -> list[Case]:
 
 def all_cases(total: int, small: bool, groups: tuple[str, ...] | None = None) -> list[Case]:
     """Every row for one size; the reference backend and the mask sweep only at the small size.
-    groups: only the rows of these groups ("cpl", "masked", "ops"), besides torch's."""
+    groups: only the rows of these groups ("cpl", "mofo", "masked", "ops"), besides torch's."""
     assert cpl_kernels.native_loaded(), "cpl_kernels._C is not built: pip install --no-build-isolation -e ."
     want = (lambda g: True) if groups is None else (lambda g: g in groups)
     base = make_params(total)
@@ -206,6 +223,8 @@ def all_cases(total: int, small: bool, groups: tuple[str, ...] | None = None) ->
     cases = torch_cases(base)
     if want("cpl"):
         cases += cpl_cases(base, refs, with_reference_backend=small)
+    if want("mofo"):
+        cases += mofo_cases(base, refs)
     if want("masked"):
         cases += masked_cases(base) if small else masked_cases(base, fractions=(0.3, 1.0), structured=(0.3,))
     if small and want("ops"):

@@ -65,7 +65,10 @@ def table(rows: list[dict]) -> str:
 
 
 def targets(rows: list[dict], memory: list[dict]) -> list[str]:
-    """The issue's targets (16M fp32), read off the measured rows."""
+    """The issue's targets (16M fp32; MoFO at every size), read off the measured rows."""
+    mofo = [f"MoFOAdamW ({x['size']}, default options{', reference set' if 'reference' in x['name'] else ''}) / "
+            f"torch fused AdamW: {x['x_torch_fused']}x (target <= 1.15), {x['pct_bandwidth']}% of bandwidth"
+            for x in rows if x["name"].startswith("MoFOAdamW")]
     r = {x["name"]: x for x in rows if x["size"] == "16M"}
     sgd = min((r[k] for k in ("torch SGD momentum fused=True", "torch SGD momentum foreach=True") if k in r),
               key=lambda x: x["median_ms"], default=None)
@@ -95,6 +98,7 @@ def targets(rows: list[dict], memory: list[dict]) -> list[str]:
             if name in at:
                 out.append(f"{size} {name} / torch fused AdamW: {at[name]['x_torch_fused']}x (target <= {target}), "
                            f"state {at[name]['state_bytes_per_param']} B/param")
+    out += mofo
     extra = {x["optimizer"]: x for x in memory if x["model"] == "llama-100m"}
     if "cpladamw" in extra and "adamw" in extra:
         out.append(f"CPLAdamW extra peak memory over AdamW (100M Llama step): "
@@ -152,7 +156,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocess runs")
     ap.add_argument("--quick", action="store_true", help="16M only, 5 rounds, no memory runs")
     ap.add_argument("--groups", default=None,
-                    help="comma list of cpl, masked, ops: only those rows besides torch's (default: all)")
+                    help="comma list of cpl, mofo, masked, ops: only those rows besides torch's (default: all)")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     if args.quick:

@@ -7,7 +7,7 @@ csrc/cuda/directions.cuh, cpl_kernels/triton/directions.py); docs/design.md sect
 add a kind.
 
 State slots: `state1` and `state2` are fp32 tensors shaped like the parameter, their meaning
-set by the kind (Adam: m, v; SGD with momentum: the buffer; Lion: m). A kind that needs fewer
+set by the kind (Adam, MoFO: m, v; SGD with momentum: the buffer; Lion: m). A kind that needs fewer
 slots gets empty lists for the others.
 """
 from __future__ import annotations
@@ -32,6 +32,10 @@ KINDS: dict[str, Kind] = {
     "sgd": Kind("sgd", ("momentum", "dampening", "weight_decay", "nesterov", "init_buffer"), 1, False),
     # Lion (Chen et al. 2023): u = sign(b1*m + (1-b1)*g) + wd*p; m = b2*m + (1-b2)*g.
     "lion": Kind("lion", ("beta1", "beta2", "weight_decay"), 1, False),
+    # MoFO (Chen et al., TMLR 2025): AdamW's m, v and u for every element, u applied only where
+    # |m_new| >= threshold (the tensor's top-alpha momentum, chosen by the caller:
+    # cpl_kernels/optim/mofo.py); elsewhere u = +0, so the element keeps its value, undecayed.
+    "mofo": Kind("mofo", ("beta1", "beta2", "eps", "weight_decay", "threshold"), 2, True),
 }
 
 
@@ -62,7 +66,7 @@ def check_hyper(op: str, kind: Kind, hyper) -> dict[str, float]:
     for b in ("beta1", "beta2"):
         if b in values and not 0.0 <= values[b] < 1.0:
             raise ValueError(f"cpl.{op}: hyperparameter '{b}' must be in [0, 1), got {values[b]}")
-    for name in ("eps", "weight_decay", "momentum", "dampening"):
+    for name in ("eps", "weight_decay", "momentum", "dampening", "threshold"):
         if name in values and values[name] < 0:
             raise ValueError(f"cpl.{op}: hyperparameter '{name}' must be >= 0, got {values[name]}")
     for flag in ("nesterov", "init_buffer"):

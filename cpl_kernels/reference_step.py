@@ -48,6 +48,7 @@ class Scalars(NamedTuple):
     one_minus_dampening: float = 1.0
     nesterov: bool = False
     init_buffer: bool = False
+    threshold: float = 0.0       # MoFO: u is applied where |m_new| >= threshold
 
 
 def scalars(kind: K.Kind, step: float, lr: float, hyper: dict[str, float]) -> Scalars:
@@ -62,6 +63,8 @@ def scalars(kind: K.Kind, step: float, lr: float, hyper: dict[str, float]) -> Sc
         return Scalars(f32(lr), weight_decay=f32(h["weight_decay"]), momentum=f32(h["momentum"]),
                        one_minus_dampening=f32(1.0 - h["dampening"]), nesterov=bool(h["nesterov"]),
                        init_buffer=bool(h["init_buffer"]))
+    if kind.name == "mofo":
+        return scalars(K.KINDS["adamw"], step, lr, h)._replace(threshold=f32(h["threshold"]))
     if kind.name == "lion":
         return Scalars(f32(lr), f32(h["beta1"]), f32(h["beta2"]), f32(1.0 - h["beta1"]),
                        f32(1.0 - h["beta2"]), weight_decay=f32(h["weight_decay"]))
@@ -111,11 +114,20 @@ def _lion(g, p, m, _, s):
     return u, m, None
 
 
+def _mofo(g, p, m, v, s):
+    """MoFO's filter around AdamW's direction: m and v are updated for every element (the paper's
+    Algorithm 1); u is kept only where |m_new| >= threshold, +0 elsewhere (no update, no decay).
+    |NaN| >= threshold is false: a NaN momentum is filtered out."""
+    u, m, v = _adam(decoupled=True)(g, p, m, v, s)
+    return torch.where(m.abs() >= s.threshold, u, torch.zeros_like(u)), m, v
+
+
 DIRECTIONS: dict[str, Direction] = {
     "adam": Direction(_l2, _adam(decoupled=False)),
     "adamw": Direction(_no_pre, _adam(decoupled=True)),
     "sgd": Direction(_l2, _sgd),
     "lion": Direction(_no_pre, _lion),
+    "mofo": Direction(_no_pre, _mofo),
 }
 
 

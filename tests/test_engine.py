@@ -1,5 +1,6 @@
 """The step engine (cpl::cpl_step_) on every backend against the reference, table-driven over
-kinds x rules x dtypes x shapes; the reference against torch.optim and a plain Lion; non-finite
+kinds x rules x dtypes x shapes; the reference against torch.optim, a plain Lion and a plain MoFO
+filter; non-finite
 gradients, GradScaler's protocol and argument errors."""
 import itertools
 
@@ -16,6 +17,8 @@ HYPERS = {
     "sgd": [[0.0, 0.0, 0.0, 0.0, 0.0], [0.9, 0.1, 0.05, 0.0, 0.0], [0.9, 0.0, 0.0, 1.0, 0.0],
             [0.9, 0.0, 0.01, 0.0, 1.0]],
     "lion": [[0.9, 0.99, 0.1], [0.95, 0.98, 0.0]],
+    # threshold on |m_new| (about 0.13 here): 0.08 keeps about half, 0.3 a few, 0 all (AdamW)
+    "mofo": [[0.9, 0.999, 1e-3, 0.1, 0.08], [0.8, 0.99, 1e-8, 0.0, 0.3], [0.9, 0.999, 1e-8, 0.0, 0.0]],
 }
 CASES = [(k, h) for k, hs in HYPERS.items() for h in hs]
 RULES = [("update", True, False), ("update", True, True), ("gradient", True, True), ("gradient", False, True)]
@@ -188,6 +191,7 @@ def test_reference_lion_matches_plain_lion():
 
 @pytest.mark.parametrize("bad, match", [
     (dict(kind="adamax"), r"'kind' must be one of"),
+    (dict(kind="mofo", hyper=[0.9, 0.999, 1e-8, 0.0, -0.1]), r"'threshold' must be >= 0"),
     (dict(hyper=[0.9, 0.999, 1e-8]), r"'hyper' for kind 'adamw' holds 3 values; expected 4"),
     (dict(hyper=[0.9, 1.5, 1e-8, 0.0]), r"'beta2' must be in \[0, 1\)"),
     (dict(step=0), r"'step' must be a finite number >= 1"),

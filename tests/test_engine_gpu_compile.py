@@ -36,6 +36,7 @@ SAMPLE_HYPERS = {
     "adamw": [[0.9, 0.999, 1e-8, 0.1]],
     "sgd": [[0.0, 0.0, 0.0, 0.0, 0.0], [0.9, 0.0, 0.0, 1.0, 1.0]],
     "lion": [[0.9, 0.99, 0.1]],
+    "mofo": [[0.9, 0.999, 1e-8, 0.1, 0.05]],
 }
 
 _KIND_TABLE_MAIN = r"""
@@ -199,6 +200,7 @@ def _make(kind, hyper, seed):
     ("sgd", [0.9, 0.1, 0.05, 0.0, 0.0], "gradient", True),
     ("sgd", [0.0, 0.0, 0.01, 0.0, 0.0], "update", True),
     ("lion", [0.9, 0.99, 0.1], "update", True),
+    ("mofo", [0.9, 0.999, 1e-3, 0.1, 0.08], "gradient", True),
 ])
 def test_triton_multi_tensor_launches_match_reference(monkeypatch, kind, hyper, criterion, strict):
     if os.environ.get("TRITON_INTERPRET") != "1":

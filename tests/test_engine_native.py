@@ -69,7 +69,7 @@ BAD = [
     ("grads list", lambda a: a.update(grads=a["grads"][:4]), r"argument 'grads' has 4 entries but 'params' has 5"),
     ("codes list", lambda a: a.update(codes=a["codes"][:2]), r"argument 'codes' has 2 entries but 'params' has 5"),
     ("kind", lambda a: a.update(kind="adamax"),
-     r"argument 'kind' must be one of \('adam', 'adamw', 'sgd', 'lion'\), got 'adamax'"),
+     r"argument 'kind' must be one of \('adam', 'adamw', 'sgd', 'lion', 'mofo'\), got 'adamax'"),
     ("hyper count", lambda a: a.update(hyper=[0.9, 0.999, 1e-8]),
      r"argument 'hyper' for kind 'adamw' holds 3 values; expected 4: beta1, beta2, eps, weight_decay"),
     ("beta1", lambda a: a.update(hyper=[1.0, 0.999, 1e-8, 0.0]), r"hyperparameter 'beta1' must be in \[0, 1\)"),

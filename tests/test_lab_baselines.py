@@ -180,3 +180,38 @@ def test_cpl_masked_epoch_recomputes_the_mask_at_each_later_epoch(lab):
     assert all(torch.equal(w, ref.pack_mask(m)) for w, m in zip(words(), again))
     assert [float(method.opt.state[p]["step"]) for p in params] == steps
     assert method.fraction == pytest.approx(1 - sum(int(m.sum()) for m in again) / sum(m.numel() for m in again))
+
+
+def test_mofo_updates_the_top_alpha_of_filtered_tensors_and_all_of_norms(lab):
+    mofo = make(lab, "mofo")
+    named = dict(mofo.model.named_parameters())
+    before = {n: p.detach().clone() for n, p in named.items()}
+    mofo.step(lab.inject.rows(range(8)))
+    for n, p in named.items():
+        moved = int((p.detach() != before[n]).sum())
+        if "norm" in n:
+            assert moved == p.numel(), n  # the authors' AdamW_MoFO: norms unfiltered
+        else:  # exact threshold (these tensors are below the sample size): floor(0.15 n), plus ties
+            k = max(1, int(lab.cfg.mofo_alpha * p.numel()))
+            assert k <= moved <= p.numel() // 5, (n, moved, k)
+    frozen = mofo.take_frozen()
+    assert 0.75 < frozen < 0.85
+
+
+def test_cpl_mofo_moves_only_collaborative_top_momentum_elements(lab):
+    both, alone = make(lab, "cpl-mofo"), make(lab, "mofo")
+    batch = lab.inject.rows(range(8))
+    both.step(batch)
+    alone.step(batch)
+    assert both.opt.has_reference and not alone.opt.has_reference
+    # CPL freezes some of what the momentum filter alone would move (criterion "gradient": the
+    # filter runs over collaborative momentum, so its pick differs too): it moves less.
+    assert both.take_frozen() > alone.take_frozen()
+    assert sum(both.opt.frozen_counts) > 0
+
+
+def test_mofo_methods_refuse_sgd():
+    with pytest.raises(ValueError, match=r"mofo run on MoFOAdamW and need --optimizer adam or adamw"):
+        LabConfig(methods=["mofo"], optimizer="sgd").validate()
+    with pytest.raises(ValueError, match=r"mofo_alpha"):
+        LabConfig(methods=["mofo"], mofo_alpha=0.0).validate()

@@ -55,6 +55,10 @@ class CPLAdam(CPLOptimizer):
 
     def _check_group_kind(self, groups) -> None:
         for g in groups:
+            if "alpha" in g and "alpha" not in self.KEEP_GROUP_KEYS:
+                raise ValueError(f"{type(self).__name__}.load_state_dict: the checkpoint was saved by "
+                                 "MoFOAdamW (its groups hold 'alpha'), whose update rule differs; load it "
+                                 "into MoFOAdamW")
             saved = g.get("decoupled_weight_decay")
             if saved is not None and bool(saved) != self.DECOUPLED:
                 want = "CPLAdamW (torch.optim.AdamW)" if saved else "CPLAdam (torch.optim.Adam)"

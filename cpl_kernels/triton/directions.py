@@ -37,18 +37,20 @@ def _lion_sign(c):
 
 @triton.jit
 def direction(g, p, s1, s2, beta1, beta2, one_minus_beta1, one_minus_beta2, bias_correction1,
-              bias_correction2_sqrt, eps, weight_decay, momentum, one_minus_dampening,
+              bias_correction2_sqrt, eps, weight_decay, momentum, one_minus_dampening, threshold,
               KIND: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
               NESTEROV: tl.constexpr, INIT_BUFFER: tl.constexpr):
     """(u, new s1, new s2) from fp32 tiles (reference_step.DIRECTIONS[KIND].step). Slots a kind
     does not use come back as they went in (the kernel neither loads nor stores them)."""
-    if KIND == "adam" or KIND == "adamw":
+    if KIND == "adam" or KIND == "adamw" or KIND == "mofo":
         m = s1 * beta1 + one_minus_beta1 * g
         v = s2 * beta2 + (one_minus_beta2 * g) * g
         u = tl.math.div_rn(tl.math.div_rn(m, bias_correction1),
                            tl.math.div_rn(tl.math.sqrt_rn(v), bias_correction2_sqrt) + eps)
-        if KIND == "adamw" and HAS_DECAY:  # decoupled decay is part of u: frozen means not decayed
+        if KIND != "adam" and HAS_DECAY:  # decoupled decay is part of u: frozen means not decayed
             u = u + weight_decay * p
+        if KIND == "mofo":  # MoFO's filter: u only where |m_new| >= threshold (false for NaN)
+            u = tl.where(tl.abs(m) >= threshold, u, 0.0)
         s1 = m
         s2 = v
     elif KIND == "sgd":
@@ -84,4 +86,5 @@ def constexprs(kind: str, s: Scalars, slots: int) -> dict:
 def scalar_args(s: Scalars) -> tuple[float, ...]:
     """The fp32 scalars `direction` takes, in its order (unused ones are passed and ignored)."""
     return (s.beta1, s.beta2, s.one_minus_beta1, s.one_minus_beta2, s.bias_correction1,
-            s.bias_correction2_sqrt, s.eps, s.weight_decay, s.momentum, s.one_minus_dampening)
+            s.bias_correction2_sqrt, s.eps, s.weight_decay, s.momentum, s.one_minus_dampening,
+            s.threshold)

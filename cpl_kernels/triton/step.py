@@ -87,7 +87,7 @@ def _store_state8(x, q_ptr, a_ptr, thresh_ptr, elem, live, first_block, numel, r
 def _rule_tile(p_ptr, g_ptr, s1_ptr, s2_ptr, codes_ptr, scale_ptr, elem, words, lanes, live, code_live,
                a1_ptr, a2_ptr, qmap_ptr, first_block, numel, run, FORMAT8: tl.constexpr,
                BLOCK_WORDS: tl.constexpr, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, bias_correction1,
-               bias_correction2_sqrt, eps, weight_decay, momentum, one_minus_dampening,
+               bias_correction2_sqrt, eps, weight_decay, momentum, one_minus_dampening, threshold,
                HAS_CODES: tl.constexpr, CRITERION_UPDATE: tl.constexpr, STRICT: tl.constexpr,
                SKIP_NONFINITE: tl.constexpr, HAS_SCALE: tl.constexpr, KIND: tl.constexpr,
                HAS_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
@@ -132,7 +132,7 @@ def _rule_tile(p_ptr, g_ptr, s1_ptr, s2_ptr, codes_ptr, scale_ptr, elem, words, 
         g = tl.where(ok, g, 0.0)
     u, n1, n2 = direction(g, p, s1, s2, beta1, beta2, one_minus_beta1, one_minus_beta2,  # 5.
                           bias_correction1, bias_correction2_sqrt, eps, weight_decay, momentum,
-                          one_minus_dampening, KIND, HAS_DECAY, HAS_MOMENTUM, NESTEROV, INIT_BUFFER)
+                          one_minus_dampening, threshold, KIND, HAS_DECAY, HAS_MOMENTUM, NESTEROV, INIT_BUFFER)
     if CRITERION_UPDATE:  # 6. criterion "update"
         ok = collaborative(u, r)
     good = bad == 0
@@ -162,7 +162,7 @@ def _rule_tile(p_ptr, g_ptr, s1_ptr, s2_ptr, codes_ptr, scale_ptr, elem, words, 
 @triton.jit(do_not_specialize=["program_base", "total_programs"])
 def _step_kernel(table_ptr, partial_ptr, found_ptr, scale_ptr, qmap_ptr, program_base, total_programs, lr,
                  beta1, beta2, one_minus_beta1, one_minus_beta2, bias_correction1,
-                 bias_correction2_sqrt, eps, weight_decay, momentum, one_minus_dampening,
+                 bias_correction2_sqrt, eps, weight_decay, momentum, one_minus_dampening, threshold,
                  DTYPE: tl.constexpr, TABLE: tl.constexpr, BLOCK_WORDS: tl.constexpr,
                  ALIGNED: tl.constexpr, HAS_CODES: tl.constexpr, CRITERION_UPDATE: tl.constexpr,
                  STRICT: tl.constexpr, SKIP_NONFINITE: tl.constexpr, HAS_SCALE: tl.constexpr,
@@ -207,7 +207,7 @@ def _step_kernel(table_ptr, partial_ptr, found_ptr, scale_ptr, qmap_ptr, program
             p_ptr, g_ptr, s1_ptr, s2_ptr, codes_ptr, scale_ptr, elem, words, lanes, live, code_live, a1_ptr,
             a2_ptr, qmap_ptr, first_block, numel, run, FORMAT8, BLOCK_WORDS, lr,
             beta1, beta2, one_minus_beta1, one_minus_beta2, bias_correction1, bias_correction2_sqrt, eps,
-            weight_decay, momentum, one_minus_dampening, HAS_CODES, CRITERION_UPDATE, STRICT,
+            weight_decay, momentum, one_minus_dampening, threshold, HAS_CODES, CRITERION_UPDATE, STRICT,
             SKIP_NONFINITE, HAS_SCALE, KIND, HAS_DECAY, HAS_MOMENTUM, NESTEROV, INIT_BUFFER, HAS_S1,
             HAS_S2, LOAD_S1, LOAD_S2)
     else:  # the tensor's last, partial chunk
@@ -217,7 +217,7 @@ def _step_kernel(table_ptr, partial_ptr, found_ptr, scale_ptr, qmap_ptr, program
             p_ptr, g_ptr, s1_ptr, s2_ptr, codes_ptr, scale_ptr, elem, words, lanes, live, code_live, a1_ptr,
             a2_ptr, qmap_ptr, first_block, numel, run, FORMAT8, BLOCK_WORDS, lr,
             beta1, beta2, one_minus_beta1, one_minus_beta2, bias_correction1, bias_correction2_sqrt, eps,
-            weight_decay, momentum, one_minus_dampening, HAS_CODES, CRITERION_UPDATE, STRICT,
+            weight_decay, momentum, one_minus_dampening, threshold, HAS_CODES, CRITERION_UPDATE, STRICT,
             SKIP_NONFINITE, HAS_SCALE, KIND, HAS_DECAY, HAS_MOMENTUM, NESTEROV, INIT_BUFFER, HAS_S1,
             HAS_S2, LOAD_S1, LOAD_S2)
     tl.store(partial_ptr + program_base + pid, conflicting)

@@ -210,9 +210,40 @@ struct Lion {
   }
 };
 
+// ---- MoFO (Chen et al., TMLR 2025: Momentum-Filtered Optimizer) ----------------------------------------
+
+// AdamW's direction with MoFO's filter: m and v are updated for every element, u is kept only where
+// |m_new| >= threshold (the tensor's top-alpha momentum, chosen by the caller) and is +0 elsewhere,
+// so a filtered element keeps its value, decay included. `!(|m| >= t)` also drops a NaN momentum.
+template <bool kDecay>
+struct MofoDirection : AdamDirection<false, kDecay> {
+  float threshold;
+  MofoDirection(const AdamScalars& x, float t) : AdamDirection<false, kDecay>(x), threshold(t) {}
+  CPL_INLINE float step(float g, float p, float& m, float& v) const {
+    const float u = AdamDirection<false, kDecay>::step(g, p, m, v);
+    return keep_unless(u, !(std::fabs(m) >= threshold));
+  }
+};
+
+// hyper: beta1, beta2, eps, weight_decay, threshold (>= 0; 0 keeps every non-NaN element: AdamW).
+struct Mofo {
+  static constexpr const char* kName = "mofo";
+  static constexpr std::array<const char*, 5> kHyper{"beta1", "beta2", "eps", "weight_decay", "threshold"};
+  static constexpr bool kUsesStep = true;
+  static int slots(const double*) { return 2; }
+  static void check(const double*) {}
+  template <class Body>
+  static void visit(const double* h, double step, double lr, const Body& body) {
+    const AdamScalars s = adam_scalars(h, step, lr);
+    const float threshold = static_cast<float>(h[4]);
+    if (s.weight_decay != 0.f) return body(MofoDirection<true>(s, threshold));
+    return body(MofoDirection<false>(s, threshold));
+  }
+};
+
 // ---- the kind table ------------------------------------------------------------------------------------
 
-using Kinds = std::tuple<Adam, AdamW, Sgd, Lion>;  // the order of cpl_kernels/kinds.py KINDS
+using Kinds = std::tuple<Adam, AdamW, Sgd, Lion, Mofo>;  // the order of cpl_kernels/kinds.py KINDS
 
 // Calls f.template operator()<K>() for each kind K in order until it returns true.
 template <class F>
@@ -237,7 +268,7 @@ inline void check_named_hyper(const char* name, double v) {
   TORCH_CHECK_VALUE(std::isfinite(v), "cpl.cpl_step_: hyperparameter '", n, "' must be a finite number, got ", v);
   if (n == "beta1" || n == "beta2")
     TORCH_CHECK_VALUE(v >= 0.0 && v < 1.0, "cpl.cpl_step_: hyperparameter '", n, "' must be in [0, 1), got ", v);
-  if (n == "eps" || n == "weight_decay" || n == "momentum" || n == "dampening")
+  if (n == "eps" || n == "weight_decay" || n == "momentum" || n == "dampening" || n == "threshold")
     TORCH_CHECK_VALUE(v >= 0.0, "cpl.cpl_step_: hyperparameter '", n, "' must be >= 0, got ", v);
   if (n == "nesterov" || n == "init_buffer")
     TORCH_CHECK_VALUE(v == 0.0 || v == 1.0, "cpl.cpl_step_: hyperparameter '", n, "' must be 0 or 1, got ", v);

@@ -145,7 +145,37 @@ struct LionDirection {
   }
 };
 
+// MoFO (Chen et al., TMLR 2025): AdamW's direction with the momentum filter. m and v are updated
+// for every element; u is kept only where |m_new| >= threshold (the tensor's top-alpha momentum,
+// chosen by the caller) and is 0 elsewhere, so a filtered element keeps its value, undecayed.
+// hyper: beta1, beta2, eps, weight_decay, threshold.
+struct MofoDirection {
+  static constexpr const char* kName = "mofo";
+  static constexpr int kNumHyper = 5;
+  AdamDirection<true> adam;
+  float threshold;
+
+  static int state_slots(const double*) { return 2; }
+  static MofoDirection make(const double* h) {
+    MofoDirection d{};
+    d.adam = AdamDirection<true>::make(h);
+    d.threshold = static_cast<float>(h[4]);
+    return d;
+  }
+  __device__ void set_step(double t) { adam.set_step(t); }
+  __device__ bool reads_state1() const { return true; }
+  __device__ bool reads_state2() const { return true; }
+  __device__ bool writes_state1() const { return true; }
+  __device__ bool writes_state2() const { return true; }
+  __device__ float pre(float g, float p) const { return adam.pre(g, p); }
+  __device__ float direction(float g, float p, float& m, float& v) const {
+    const float u = adam.direction(g, p, m, v);
+    return fabsf(m) >= threshold ? u : 0.f;  // false for a NaN m: filtered out
+  }
+};
+
 // Every kind the CUDA engine serves (kinds.KINDS): a new kind is one more entry here.
-using Directions = DirectionList<AdamDirection<false>, AdamDirection<true>, SgdDirection, LionDirection>;
+using Directions =
+    DirectionList<AdamDirection<false>, AdamDirection<true>, SgdDirection, LionDirection, MofoDirection>;
 
 }  // namespace cpl_cuda

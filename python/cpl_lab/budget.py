@@ -129,7 +129,7 @@ def json_safe(rows: list[dict]) -> list[dict]:
 
 def best_baseline(rows: list[dict], method: str = "cpl",
                   exclude: tuple[str, ...] = ("cpl", "cpl-once", "cpl-masked-epoch", "random",
-                                               "random-once")) -> dict | None:
+                                               "random-once", "cpl-mofo")) -> dict | None:
     """The baseline (not a CPL variant nor its random ablations) learning most at the budget."""
     cands = [r for r in rows if r["method"] not in exclude and r["learned"] is not None]
     return max(cands, key=lambda r: r["learned"]) if cands else None

@@ -67,6 +67,8 @@ INJECT = [
      f"and want a larger rate; default {_D.lora_lr_scale:g}, from a sweep in docs/lab.md)"),
     ("--ewc-lambda", "ewc_lambda", float, "EWC penalty strength lambda in lambda/2 * sum F "
      f"(theta - theta0)^2 (default {_D.ewc_lambda:g}, from a sweep in docs/lab.md)"),
+    ("--mofo-alpha", "mofo_alpha", float, "fraction of each tensor mofo and cpl-mofo update per step, "
+     f"by largest |momentum| (default {_D.mofo_alpha:g}, the MoFO authors'; norms and biases: all)"),
     ("--eval-every", "eval_every", int, f"measure every N epochs (default {_D.eval_every}); the last always"),
     ("--xp-every", "xp_every", int, "measure the held-out templates (xp columns) every N "
      f"measurements; 0: at the last epoch only (default {_D.xp_every}); they cost half as much again"),

@@ -18,6 +18,8 @@ METHOD_HELP = {
     "lora": "LoRA (peft) on every linear layer, lr x --lora-lr-scale",
     "ewc": "EWC: penalty --ewc-lambda/2 * sum F (theta - theta0)^2, F = diagonal Fisher of the in-set",
     "surgery": "gradient surgery (PCGrad), per tensor: drop the component conflicting with a mastered batch's",
+    "mofo": "MoFO (MoFOAdamW): per tensor, only the top --mofo-alpha of |momentum| is updated; no mastered data",
+    "cpl-mofo": "MoFO with CPL's reference (as cpl): an element moves iff in the top momentum and collaborative",
 }
 METHODS = tuple(METHOD_HELP)
 # A decade around the rate where fine-tuning learns every fact within the epochs; the budgeted
@@ -26,6 +28,8 @@ DEFAULT_LRS = (1e-4, 3e-4, 1e-3)
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "adamw8bit")
 # Methods whose step needs no more than one parameter's gradient at a time (--in-backward).
 IN_BACKWARD_METHODS = ("ft", "cpl")
+# Methods on MoFOAdamW (cpl_kernels): AdamW or Adam only.
+MOFO_METHODS = ("mofo", "cpl-mofo")
 
 
 @dataclass
@@ -69,6 +73,7 @@ class LabConfig:
     lora_alpha: int = 16
     lora_lr_scale: float = 3.0    # sweep in docs/lab.md: LoRA's best lr is 3x fine-tuning's
     ewc_lambda: float = 1e5       # sweep in docs/lab.md (1e2 .. 1e6)
+    mofo_alpha: float = 0.15      # MoFO's updated fraction per tensor (the authors' 15%)
     eval_every: int = 1
     xp_every: int = 0             # held-out templates every N evaluations; 0: the last epoch only
     forget_budget: float = 0.01   # reporting only: the budgeted metric's budget, of the mastered facts
@@ -100,6 +105,12 @@ class LabConfig:
             raise ValueError("lora_lr_scale must be positive")
         if self.ewc_lambda < 0:
             raise ValueError("ewc_lambda must be >= 0")
+        if not 0.0 < self.mofo_alpha <= 1.0:
+            raise ValueError("mofo_alpha is the fraction of each tensor MoFO updates, in (0, 1]")
+        mofo = [m for m in self.methods if m in MOFO_METHODS]
+        if mofo and self.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"{', '.join(mofo)} run on MoFOAdamW and need --optimizer adam or adamw, "
+                             f"not {self.optimizer!r}")
         unsupported = [m for m in self.methods if m not in IN_BACKWARD_METHODS]
         if self.in_backward and unsupported:
             raise ValueError(f"--in-backward steps {' and '.join(IN_BACKWARD_METHODS)} inside backward, "
@@ -118,7 +129,7 @@ class LabConfig:
 
     # Before --lora-lr-scale, --ref-every and --xp-every: LoRA at the grid's lr, the reference
     # rebuilt every step, the held-out templates measured at every evaluation.
-    LEGACY = {"lora_lr_scale": 1.0, "ref_every": 1, "xp_every": 1}
+    LEGACY = {"lora_lr_scale": 1.0, "ref_every": 1, "xp_every": 1, "mofo_alpha": 0.15}
 
     # What decides the pre-trained model (and so its cache entry), nothing else.
     PRETRAIN_KEYS = ("data", "n_entities", "relations", "train_templates", "data_seed", "hidden",
@@ -129,7 +140,7 @@ class LabConfig:
     RESULT_KEYS = PRETRAIN_KEYS + ("model", "n_mastered", "n_inject", "optimizer", "epochs",
                                    "batch_size", "weight_decay", "momentum", "reference",
                                    "criterion", "strict", "ref_batch", "ref_every", "random_frac",
-                                   "lora_r", "lora_alpha", "lora_lr_scale", "ewc_lambda",
+                                   "lora_r", "lora_alpha", "lora_lr_scale", "ewc_lambda", "mofo_alpha",
                                    "eval_every", "xp_every", "in_backward")
 
     def digest(self, keys, extra: str = "") -> str:

@@ -43,6 +43,21 @@ def cpl(params, lr: float, cfg: LabConfig):
     return cls(params, criterion=cfg.criterion, strict=cfg.strict, **_kwargs(cfg.optimizer, lr, cfg))
 
 
+def mofo(model: torch.nn.Module, lr: float, cfg: LabConfig) -> "cpl_kernels.MoFOAdamW":
+    """MoFOAdamW over the trainable parameters, filtered per tensor at cfg.mofo_alpha except norms
+    and biases, which take every update (alpha 1), as the MoFO authors' AdamW_MoFO does (names
+    containing "norm" or "bias"). The CPL criterion applies once a reference is set (cpl-mofo)."""
+    if cfg.optimizer not in ("adam", "adamw"):
+        raise ValueError(f"mofo methods use MoFOAdamW and need --optimizer adam or adamw, not {cfg.optimizer!r}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    full = [p for n, p in named if "norm" in n or "bias" in n]
+    groups = [{"params": [p for n, p in named if not ("norm" in n or "bias" in n)]}]
+    if full:
+        groups.append({"params": full, "alpha": 1.0})
+    return cpl_kernels.MoFOAdamW(groups, alpha=cfg.mofo_alpha, criterion=cfg.criterion, strict=cfg.strict,
+                                 **_kwargs(cfg.optimizer, lr, cfg))
+
+
 def masked(params, masks, lr: float, cfg: LabConfig):
     """MaskedAdamW (compact state) for a static mask. It is AdamW only: with "adam" the weight
     decay is zero, which is Adam; SGD has no compact-state counterpart in the library."""

@@ -9,7 +9,8 @@ from .runner import ORDER
 
 
 def _color(method: str) -> str:
-    return f"C{ORDER.index(method) % 10}"  # one colour per method in every plot
+    i = ORDER.index(method)  # one colour per method in every plot; past the 10 default colours:
+    return f"C{i}" if i < 10 else ("black", "darkgoldenrod", "magenta", "teal")[(i - 10) % 4]
 
 
 def _plt():

@@ -15,7 +15,7 @@ from .runs import RunDir
 
 # "random" matches the frozen fraction of the CPL cell with the same lr and seed, so CPL runs first.
 ORDER = ("ft", "cpl", "cpl-once", "cpl-masked-epoch", "random", "random-once", "agem", "replay", "lora", "ewc",
-         "surgery")
+         "surgery", "mofo", "cpl-mofo")
 
 
 def run_cell(lab: Lab, method: str, lr: float, seed: int, frozen_target=None,

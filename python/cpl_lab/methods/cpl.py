@@ -30,13 +30,17 @@ class CPL(Method):
             batches = list(self.ctx.mastered_in.batches(self.ctx.cfg.ref_batch))
             cpl_kernels.build_reference(self.opt, self.model, batches, loss_fn, progress=False)
 
-    def step(self, batch):
+    def refresh_reference(self):
+        """reference="step": a fresh mastered batch every ref_every steps (before this step)."""
         cfg = self.ctx.cfg
         if cfg.reference == "step" and self.steps % cfg.ref_every == 0:
             # Cheapest before the injection backward: build_reference has no gradient to set aside.
             cpl_kernels.build_reference(self.opt, self.model, [self.mastered_batch()], loss_fn,
                                         progress=False)
         self.steps += 1
+
+    def step(self, batch):
+        self.refresh_reference()
         loss = self.backward(batch)
         if self.attached is None:
             self.opt.step()
