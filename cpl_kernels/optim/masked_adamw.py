@@ -192,9 +192,10 @@ class MaskedAdamW(StateOptimizer):
                 bad = ops.masked_adamw_step_(it.work_param, it.work_grad, state[MASK_KEY], state[OFFSETS_KEY],
                                              state["exp_avg"], state["exp_avg_sq"], step, lr, beta1, beta2,
                                              group["eps"], group["weight_decay"], skip, grad_scale)
-                state["step"] += 1
                 if skip:
                     self._nonfinite.append((it.param, bad))
+            if work:  # one op for every count, not a tensor += 1 per parameter
+                torch._foreach_add_([state["step"] for _, state, _ in work], 1.0)
 
         return run
 
