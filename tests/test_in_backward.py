@@ -649,3 +649,64 @@ def test_a_step_in_backward_holds_one_gradient_at_a_time_and_leaves_nothing_aliv
     assert 0 <= net < 1024  # only the per-step count records (a few bytes per parameter)
     if attached is not None:
         attached.detach()
+
+
+class Checkpointed(torch.nn.Module):
+    """A middle layer recomputed in the backward (torch.utils.checkpoint); `share` also uses the
+    first layer's weight inside the checkpointed segment."""
+
+    def __init__(self, reentrant, share=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)
+        self.reentrant, self.share = reentrant, share
+
+    def segment(self, h):
+        h = torch.tanh(self.b(h))
+        return h @ self.a.weight if self.share else h
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = torch.utils.checkpoint.checkpoint(self.segment, h, use_reentrant=self.reentrant)
+        return self.c(h).square().mean()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_layers_in_backward_equal_step_bit_for_bit(reentrant):
+    """A reentrant checkpoint runs its segment's backward as a backward of its own (another graph
+    task) inside the running one: its hooks belong to the same step and the same reference pass."""
+    def run(inside):
+        model = Checkpointed(reentrant)
+        opt = CPLAdamW(named(model), lr=0.05, criterion="gradient")
+        attached = in_backward(opt) if inside else None
+        gen = torch.Generator().manual_seed(1)
+        out = []
+        for _ in range(4):
+            x, mastered = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
+            if inside:
+                with attached.reference_pass():
+                    model(mastered).backward()
+                model(x).backward()
+            else:
+                build_reference(opt, model, [mastered], lambda m, b: m(b))
+                model(x).backward()
+                opt.step()
+                opt.zero_grad()
+            out.append(snapshot(model, opt))
+        return out
+
+    for a, b in zip(run(False), run(True)):
+        assert_same(a, b)
+
+
+def test_parameter_used_inside_and_outside_a_reentrant_checkpoint_raises_by_name():
+    model = Checkpointed(reentrant=True, share=True)
+    opt = CPLAdamW(named(model), lr=0.05)
+    opt.clear_reference()
+    with in_backward(opt):
+        with pytest.raises(RuntimeError, match=r"'a.weight' got a second gradient .* use_reentrant=False"):
+            model(torch.randn(4, 8)).backward()
+        assert all(p.grad is None for p in model.parameters())
+        model.share = False  # the next backward steps normally
+        model(torch.randn(4, 8)).backward()
+    assert opt.stepped_counts == [sum(p.numel() for p in model.parameters())]
