@@ -11,6 +11,14 @@ ru_maxrss cannot be reset and would include import-time and warm-up peaks, so it
 fallback where clear_refs is not writable. The same import, model and data in every subprocess
 make the differences between optimizers meaningful; "extra" is the peak minus torch AdamW's.
 
+RSS includes what glibc keeps of freed heap pages, which moves the 96M model's peak by 6-50 MiB
+from run to run and hides savings made by freeing early. So each subprocess also runs one step
+under torch's profiler and reports the allocator's view (benchmarks/live_memory.py): the peak of
+live CPU tensor bytes, exact and deterministic, the phase and autograd node at that peak, and the
+bytes autograd saved in the forward (the activations). `--malloc returned` runs the subprocesses
+with a fixed glibc mmap threshold, so RSS follows the live tensors; `--checkpointing` recomputes
+every decoder layer in the backward (HF gradient checkpointing, non-reentrant), for every case.
+
 Cases (CASES): the reference is set once before the warm-up ("per epoch", as the paper) or rebuilt
 from the mastered batch inside every training step ("per step", the lab's recipe: the measured
 step then holds two backwards). "-bwd" cases step inside backward (cpl_kernels.in_backward): the
@@ -239,8 +247,10 @@ def table(rows: list[dict]) -> str:
              "| step ms | time vs AdamW | in backward vs normal: time, RSS, live B/param |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        vs = (f"{r['time_vs_normal']}x, {r['peak_vs_normal_b_per_param']:+}, {r['live_vs_normal_b_per_param']:+}"
-              if "time_vs_normal" in r else "")
+        vs = ""
+        if "time_vs_normal" in r:
+            time_vs = f"{r['time_vs_normal']}x" if r["time_vs_normal"] is not None else "not timed"
+            vs = f"{time_vs}, {r['peak_vs_normal_b_per_param']:+}, {r['live_vs_normal_b_per_param']:+}"
         at = f"{r['peak_phase']} / {r['peak_node'] or r['peak_op']}"
         lines.append(f"| {r['model']} | {r['params']:,} | {r['optimizer']} | {'yes' if r['checkpointing'] else 'no'} | "
                      f"{r['peak_mib']} | {r.get('extra_b_per_param', '')} ({r.get('spread_b_per_param', '')}) | "
