@@ -11,6 +11,14 @@ ru_maxrss cannot be reset and would include import-time and warm-up peaks, so it
 fallback where clear_refs is not writable. The same import, model and data in every subprocess
 make the differences between optimizers meaningful; "extra" is the peak minus torch AdamW's.
 
+RSS includes what glibc keeps of freed heap pages, which moves the 96M model's peak by 6-50 MiB
+from run to run and hides savings made by freeing early. So each subprocess also runs one step
+under torch's profiler and reports the allocator's view (benchmarks/live_memory.py): the peak of
+live CPU tensor bytes, exact and deterministic, the phase and autograd node at that peak, and the
+bytes autograd saved in the forward (the activations). `--malloc returned` runs the subprocesses
+with a fixed glibc mmap threshold, so RSS follows the live tensors; `--checkpointing` recomputes
+every decoder layer in the backward (HF gradient checkpointing, non-reentrant), for every case.
+
 Cases (CASES): the reference is set once before the warm-up ("per epoch", as the paper) or rebuilt
 from the mastered batch inside every training step ("per step", the lab's recipe: the measured
 step then holds two backwards). "-bwd" cases step inside backward (cpl_kernels.in_backward): the
@@ -81,7 +89,7 @@ def _reset_peak() -> bool:
         return False
 
 
-def child(model_name: str, case: str, timed_steps: int = TIMED_STEPS) -> dict:
+def child(model_name: str, case: str, timed_steps: int = TIMED_STEPS, checkpointing: bool = False) -> dict:
     import resource
     import statistics
     import time
@@ -91,6 +99,7 @@ def child(model_name: str, case: str, timed_steps: int = TIMED_STEPS) -> dict:
 
     from cpl_kernels import build_reference, in_backward
     from cpl_kernels.optim import CPLAdamW, MaskedAdamW
+    from .live_memory import LiveTimeline, phase, saved_activation_bytes
     from .paper_style import PaperStyleCPLAdamW
 
     optimizer, schedule, inside = CASES[case]
@@ -99,6 +108,9 @@ def child(model_name: str, case: str, timed_steps: int = TIMED_STEPS) -> dict:
     spec = dict(MODELS[model_name])
     batch, seq = spec.pop("batch"), spec.pop("seq")
     model = LlamaForCausalLM(LlamaConfig(**spec, max_position_embeddings=seq))
+    if checkpointing:  # recompute each decoder layer in the backward: only its input is kept
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
     n = sum(p.numel() for p in model.parameters())
     params = list(model.parameters())
     if optimizer == "adamw":
@@ -126,28 +138,51 @@ def child(model_name: str, case: str, timed_steps: int = TIMED_STEPS) -> dict:
         opt.clear_reference()  # rebuilt inside every step below
     opt.zero_grad(set_to_none=True)
     attached = in_backward(opt) if inside else None
+    activations = []
 
-    def train_step():
+    def train_step(count_activations: bool = False):
         if schedule == "step":
-            build_reference(opt, model, [mastered], loss_fn)  # packs in the hooks when attached
-        loss_fn(model, inject).backward()
+            with phase("reference"):
+                build_reference(opt, model, [mastered], loss_fn)  # packs in the hooks when attached
+        with phase("forward"):
+            if count_activations:
+                loss, saved = saved_activation_bytes(lambda: loss_fn(model, inject))
+                activations.append(saved)
+            else:
+                loss = loss_fn(model, inject)
+        with phase("backward"):
+            loss.backward()
+        del loss
         if attached is None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            with phase("step"):
+                opt.step()
+                opt.zero_grad(set_to_none=True)
 
     train_step()  # warm-up: optimizer state allocated
     before = _rss_kib("VmRSS")
     exact = _reset_peak()
     train_step()
     peak = _rss_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # The allocator's view (benchmarks/live_memory.py), in a step of its own after the RSS one:
+    # the profiler's records would count in RSS.
+    timeline = LiveTimeline()
+    with timeline.record():
+        train_step(count_activations=True)
+    live = timeline.summary()
+    del timeline
     times = []
     for _ in range(timed_steps):
         t0 = time.perf_counter()
         train_step()
         times.append(time.perf_counter() - t0)
-    return dict(model=model_name, optimizer=case, params=n, rss_before_mib=round(before / 1024, 1),
-                peak_mib=round(peak / 1024, 1), step_ms=round(1e3 * statistics.median(times), 1) if times else None,
-                method="VmHWM after clear_refs" if exact else "ru_maxrss")
+    return dict(model=model_name, optimizer=case, checkpointing=checkpointing, params=n,
+                rss_before_mib=round(before / 1024, 1), peak_mib=round(peak / 1024, 1),
+                live_start_mib=live["start_mib"], live_peak_mib=live["peak_mib"], live_end_mib=live["end_mib"],
+                peak_phase=live["peak_phase"], peak_node=live["peak_node"], peak_op=live["peak_op"],
+                activations_mib=round(activations[0] / 2**20, 1), phases=json.dumps(live["phases"]),
+                step_ms=round(1e3 * statistics.median(times), 1) if times else None,
+                method="VmHWM after clear_refs" if exact else "ru_maxrss",
+                malloc=" ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ) or "glibc default")
 
 
 def _malloc_trim() -> None:
@@ -235,23 +270,46 @@ def masks_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_all(models=tuple(MODELS), optimizers=OPTIMIZERS, repeats: int = 3, timed_steps: int = TIMED_STEPS) -> list[dict]:
-    rows = []
+# --malloc returned: glibc settings that give freed tensors back to the OS at once. A fixed
+# threshold (setting either variable turns off glibc's dynamic one, which rises to the largest
+# block freed, up to 32 MiB) puts every allocation above 64 KiB in its own mmap, unmapped on free,
+# so RSS follows the live tensors instead of the heap's high-water mark.
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+MALLOC_MODES = {"default": {}, "returned": {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}}
+# measured value -> the row keys derived from it: the peak RSS and the peak of live tensor bytes
+MEASURES = {"peak_mib": ("extra_mib", "extra_b_per_param", "spread_b_per_param", "peak_spread_mib"),
+            "live_peak_mib": ("live_extra_mib", "live_extra_b_per_param", "live_spread_b_per_param",
+                              "live_spread_mib")}
+
+
+def _child_run(model: str, case: str, timed_steps: int, checkpointing: bool, malloc: str) -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+    env.update(MALLOC_MODES[malloc])
+    cmd = [sys.executable, "-m", "benchmarks.peak_memory", "--child", model, case, "--steps", str(timed_steps)]
+    if checkpointing:
+        cmd.append("--checkpointing")
+    out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"peak_memory child {model}/{case} failed ({out.returncode}):\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_all(models=tuple(MODELS), optimizers=OPTIMIZERS, repeats: int = 3, timed_steps: int = TIMED_STEPS,
+            checkpointing: bool = False, malloc: str = "default") -> list[dict]:
+    rows = []
     for m in models:
         for o in optimizers:
             print(f"peak memory: {m} / {o} ...", flush=True)
-            runs = []
-            for _ in range(repeats):
-                out = subprocess.run([sys.executable, "-m", "benchmarks.peak_memory", "--child", m, o,
-                                      "--steps", str(timed_steps)], cwd=root, capture_output=True, text=True,
-                                     check=True)
-                runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            # The median run: one run's heap layout moves the 96M model's peak by +-15 MiB, as
-            # much as CPLAdamW's codes (24 MiB) themselves.
-            runs.sort(key=lambda r: r["peak_mib"])
-            row = dict(runs[len(runs) // 2], repeats=repeats,
-                       peak_spread_mib=round(runs[-1]["peak_mib"] - runs[0]["peak_mib"], 1))
+            runs = [_child_run(m, o, timed_steps, checkpointing, malloc) for _ in range(repeats)]
+            # The median run of each measure: one run's heap layout moves the 96M model's peak
+            # RSS by +-15 MiB, as much as CPLAdamW's codes (24 MiB) themselves.
+            row = dict(runs[0], repeats=repeats)
+            for key, (_, _, _, spread) in MEASURES.items():
+                values = sorted(r[key] for r in runs)
+                row[key] = values[len(values) // 2]
+                row[spread] = round(values[-1] - values[0], 1)
+            row["peak_runs_mib"] = " ".join(str(r["peak_mib"]) for r in runs)
             steps = sorted(r["step_ms"] for r in runs if r.get("step_ms") is not None)
             row["step_ms"] = steps[len(steps) // 2] if steps else None
             rows.append(row)
@@ -259,15 +317,18 @@ def run_all(models=tuple(MODELS), optimizers=OPTIMIZERS, repeats: int = 3, timed
         base = next((r for r in mine if r["optimizer"] == "adamw"), None)
         for r in mine:
             if base is not None:
-                extra = r["peak_mib"] - base["peak_mib"]
-                r["extra_mib"] = round(extra, 1)
-                r["extra_b_per_param"] = round(extra * 2**20 / r["params"], 2)
-                r["spread_b_per_param"] = round(r["peak_spread_mib"] * 2**20 / r["params"], 2)
+                for key, (extra, per_param, spread_pp, spread) in MEASURES.items():
+                    diff = r[key] - base[key]
+                    r[extra] = round(diff, 1)
+                    r[per_param] = round(diff * 2**20 / r["params"], 2)
+                    r[spread_pp] = round(r[spread] * 2**20 / r["params"], 2)
                 r["time_vs_adamw"] = _ratio(r["step_ms"], base["step_ms"])
             normal = next((q for q in mine if q["optimizer"] == r["optimizer"].removesuffix("-bwd")), None)
             if r["optimizer"].endswith("-bwd") and normal is not None:
                 r["time_vs_normal"] = _ratio(r["step_ms"], normal["step_ms"])
                 r["peak_vs_normal_b_per_param"] = round((r["peak_mib"] - normal["peak_mib"]) * 2**20 / r["params"], 2)
+                r["live_vs_normal_b_per_param"] = round((r["live_peak_mib"] - normal["live_peak_mib"]) * 2**20
+                                                        / r["params"], 2)
     return rows
 
 
@@ -276,14 +337,20 @@ def _ratio(a, b):
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | params | case | peak RSS MiB (step, median run) | spread MiB | extra vs torch AdamW MiB "
-             "| extra B/param (spread) | step ms | time vs AdamW | in backward vs normal: time, peak B/param |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | params | case | ckpt | peak RSS MiB (median) | RSS vs AdamW B/param (spread) | "
+             "peak live tensors MiB | live vs AdamW B/param | peak at (phase / autograd node) | saved activations MiB "
+             "| step ms | time vs AdamW | in backward vs normal: time, RSS, live B/param |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        vs = (f"{r['time_vs_normal']}x, {r['peak_vs_normal_b_per_param']:+}" if "time_vs_normal" in r else "")
-        lines.append(f"| {r['model']} | {r['params']:,} | {r['optimizer']} | {r['peak_mib']} | "
-                     f"{r.get('peak_spread_mib', '')} | {r.get('extra_mib', '')} | {r.get('extra_b_per_param', '')} "
-                     f"({r.get('spread_b_per_param', '')}) | {r.get('step_ms', '')} | {r.get('time_vs_adamw', '')} | {vs} |")
+        vs = ""
+        if "time_vs_normal" in r:
+            time_vs = f"{r['time_vs_normal']}x" if r["time_vs_normal"] is not None else "not timed"
+            vs = f"{time_vs}, {r['peak_vs_normal_b_per_param']:+}, {r['live_vs_normal_b_per_param']:+}"
+        at = f"{r['peak_phase']} / {r['peak_node'] or r['peak_op']}"
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['optimizer']} | {'yes' if r['checkpointing'] else 'no'} | "
+                     f"{r['peak_mib']} | {r.get('extra_b_per_param', '')} ({r.get('spread_b_per_param', '')}) | "
+                     f"{r['live_peak_mib']} | {r.get('live_extra_b_per_param', '')} | {at} | {r['activations_mib']} | "
+                     f"{r.get('step_ms', '')} | {r.get('time_vs_adamw', '')} | {vs} |")
     return "\n".join(lines)
 
 
@@ -303,12 +370,18 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
     ap.add_argument("--repeats", type=int, default=3, help="fresh subprocesses per case (the median is kept)")
     ap.add_argument("--steps", type=int, default=TIMED_STEPS, help="timed training steps per subprocess")
+    ap.add_argument("--checkpointing", action="store_true",
+                    help="activation checkpointing of every decoder layer (HF gradient_checkpointing_enable, "
+                         "non-reentrant), for every case")
+    ap.add_argument("--malloc", choices=list(MALLOC_MODES), default="default",
+                    help="glibc malloc settings of the subprocesses: 'returned' unmaps every freed block "
+                         "above 64 KiB, so peak RSS follows the live tensors")
     ap.add_argument("--csv", help="also write the rows to this CSV file")
     ap.add_argument("--masks", action="store_true", help="the extra peak memory of building CPL masks instead")
     ap.add_argument("--mask-modes", default=",".join(MASK_MODES))
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child, timed_steps=args.steps)))
+        print(json.dumps(child(*args.child, timed_steps=args.steps, checkpointing=args.checkpointing)))
         return
     if args.child_masks:
         print(json.dumps(child_masks(*args.child_masks)))
@@ -323,7 +396,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
     rows = run_all(models=tuple(args.models.split(",")), optimizers=cases, repeats=args.repeats,
-                   timed_steps=args.steps)
+                   timed_steps=args.steps, checkpointing=args.checkpointing, malloc=args.malloc)
     print(table(rows), flush=True)
     if args.csv:
         write_csv(rows, args.csv)

@@ -594,3 +594,119 @@ def test_parameters_that_do_not_require_grad_are_not_hooked():
         model.frozen.requires_grad_(True)  # now it gets a gradient, which no hook would step
         with pytest.raises(RuntimeError, match="no hook: it did not require grad"):
             loss_fn(model, INJECT[0]).backward()
+
+
+def _live_bytes(fn):
+    """(peak, net) CPU tensor bytes allocated while fn() runs, from the profiler's allocation
+    records: what the allocator holds, not RSS."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak, live
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_a_step_in_backward_holds_one_gradient_at_a_time_and_leaves_nothing_alive(inside):
+    """The memory claim itself: a training step (per-step reference pass, forward, backward) in
+    backward never holds two gradients at once and keeps no graph, gradient or temporary once it
+    is over; the normal step holds all four gradients at its peak (the control: the bound can
+    fail)."""
+    torch.manual_seed(0)
+    width, layers = 128, 4
+    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(width, width, bias=False), torch.nn.Tanh())
+                                  for _ in range(layers)])
+    opt = CPLAdamW(model.parameters(), lr=1e-3)
+    attached = in_backward(opt) if inside else None
+    x, mastered = torch.randn(2, width), torch.randn(2, width)
+    grad_bytes = width * width * 4
+    held = []
+    for p in model.parameters():  # registered after ours: sees what is left once our hook ran
+        p.register_post_accumulate_grad_hook(
+            lambda p: held.append(sum(q.grad is not None for q in model.parameters())))
+
+    def train_step():
+        build_reference(opt, model, [mastered], lambda m, b: m(b).square().mean())
+        model(x).square().mean().backward()
+        if not inside:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    train_step()  # warm-up: optimizer state allocated
+    held.clear()
+    peak, net = _live_bytes(train_step)
+    activations = 2 * layers * 2 * width * 4 * 2  # inputs and tanh outputs of 2 rows, both backwards: generous
+    if inside:
+        assert held == [0] * (2 * layers)  # reference pass and step: each gradient gone in its hook
+        assert peak < grad_bytes + activations + 4096
+    else:
+        assert peak >= layers * grad_bytes
+    assert 0 <= net < 1024  # only the per-step count records (a few bytes per parameter)
+    if attached is not None:
+        attached.detach()
+
+
+class Checkpointed(torch.nn.Module):
+    """A middle layer recomputed in the backward (torch.utils.checkpoint); `share` also uses the
+    first layer's weight inside the checkpointed segment."""
+
+    def __init__(self, reentrant, share=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)
+        self.reentrant, self.share = reentrant, share
+
+    def segment(self, h):
+        h = torch.tanh(self.b(h))
+        return h @ self.a.weight if self.share else h
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = torch.utils.checkpoint.checkpoint(self.segment, h, use_reentrant=self.reentrant)
+        return self.c(h).square().mean()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_layers_in_backward_equal_step_bit_for_bit(reentrant):
+    """A reentrant checkpoint runs its segment's backward as a backward of its own (another graph
+    task) inside the running one: its hooks belong to the same step and the same reference pass."""
+    def run(inside):
+        model = Checkpointed(reentrant)
+        opt = CPLAdamW(named(model), lr=0.05, criterion="gradient")
+        attached = in_backward(opt) if inside else None
+        gen = torch.Generator().manual_seed(1)
+        out = []
+        for _ in range(4):
+            x, mastered = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
+            if inside:
+                with attached.reference_pass():
+                    model(mastered).backward()
+                model(x).backward()
+            else:
+                build_reference(opt, model, [mastered], lambda m, b: m(b))
+                model(x).backward()
+                opt.step()
+                opt.zero_grad()
+            out.append(snapshot(model, opt))
+        return out
+
+    for a, b in zip(run(False), run(True)):
+        assert_same(a, b)
+
+
+def test_parameter_used_inside_and_outside_a_reentrant_checkpoint_raises_by_name():
+    model = Checkpointed(reentrant=True, share=True)
+    opt = CPLAdamW(named(model), lr=0.05)
+    opt.clear_reference()
+    with in_backward(opt):
+        with pytest.raises(RuntimeError, match=r"'a.weight' got a second gradient .* use_reentrant=False"):
+            model(torch.randn(4, 8)).backward()
+        assert all(p.grad is None for p in model.parameters())
+        model.share = False  # the next backward steps normally
+        model(torch.randn(4, 8)).backward()
+    assert opt.stepped_counts == [sum(p.numel() for p in model.parameters())]

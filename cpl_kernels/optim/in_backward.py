@@ -29,6 +29,11 @@ order cannot give is refused, not approximated:
 - DDP: the hook would see the local gradient before the all-reduce; refused at attach. FSDP2
   calls the hooks on the sharded parameter after its reduce-scatter, and works.
 
+Activation checkpointing works either way: non-reentrant (use_reentrant=False, HF's default) is
+plain autograd; a reentrant segment's backward runs as a nested backward of its own, whose hooks
+count in the running step or reference pass (a parameter used both inside and outside such a
+segment gets its gradient in two parts and raises at the second, by name).
+
 A hook that raises (a non-finite gradient with check_finite="raise", a bad gradient) stops the
 backward: the parameters stepped before it in this backward stay stepped, the failing one and
 those after it are not (their state untouched), every gradient is freed, and the counts of that
@@ -37,6 +42,7 @@ backward are dropped.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -48,6 +54,19 @@ from ._cpl import CODES_KEY, CPLOptimizer
 from . import _layout
 
 _ENGINE = torch.autograd.Variable._execution_engine
+# Every backward (Tensor.backward, autograd.backward, autograd.grad) runs through this function, on
+# the calling thread: how many of its frames are on the stack tells a backward started inside a
+# running one (torch.utils.checkpoint with use_reentrant=True runs one per checkpointed segment,
+# with a graph task of its own) from a new backward after one that died.
+_RUN_BACKWARD = torch.autograd.graph._engine_run_backward.__code__
+
+
+def _backward_depth() -> int:
+    frame, depth = sys._getframe(), 0
+    while frame is not None:
+        depth += frame.f_code is _RUN_BACKWARD
+        frame = frame.f_back
+    return depth
 
 
 def _is_dtensor(p: Tensor) -> bool:
@@ -97,7 +116,9 @@ class InBackward:
                 self._handles.append(p.register_hook(self._pre_hook(p)))
         # per backward
         self._active = False
-        self._task = -1                # the autograd graph task of the backward in progress
+        self._tasks: set[int] = set()  # the autograd graph tasks of the backward in progress
+        self._depth = 0                # _backward_depth() at its first hook
+        self._done: set[int] = set()   # parameters whose hook ran in it
         self._mode = "step"            # "step", "pack" (reference_pass) or "accumulate"
         self._frozen: list[list[Tensor]] = []
         self._stepped: list[int] = []
@@ -283,13 +304,28 @@ class InBackward:
             return
         try:
             task = torch._C._current_graph_task_id()
-            if self._active and task != -1 and task != self._task:
-                # The previous backward stopped outside these hooks (an error in another hook or
-                # Function), so its final callback never ran: what it stepped is its step.
-                self._end()
+            if self._active and task != -1 and task not in self._tasks:
+                if _backward_depth() > self._depth:
+                    # A backward run inside this one (a reentrant checkpoint recomputing its
+                    # segment): its gradients belong to this step.
+                    self._tasks.add(task)
+                else:
+                    # The previous backward stopped outside these hooks (an error in another hook
+                    # or Function), so its final callback never ran: what it stepped is its step.
+                    self._end()
             if not self._active:
                 self._begin(p)
-                self._task = task
+                self._tasks, self._depth, self._done = {task}, _backward_depth(), set()
+            if id(p) in self._done:
+                raise RuntimeError(
+                    f"in_backward: parameter {self.optimizer.param_name(p)} got a second gradient in the same "
+                    "backward, after its first was already "
+                    f"{'packed' if self._mode == 'pack' else 'stepped'}: it is used both inside and outside a "
+                    "reentrant checkpoint (torch.utils.checkpoint with use_reentrant=True, whose segment "
+                    "runs a backward of its own), so its gradient arrives in parts. Use "
+                    "use_reentrant=False (what HF gradient_checkpointing_enable does by default), or "
+                    "step normally.")
+            self._done.add(id(p))
             with torch.no_grad():
                 if self._mode == "pack":
                     self._pack(p)
