@@ -32,7 +32,7 @@ OFFSET_BLOCK = ref.OFFSET_BLOCK  # elements per block_offsets entry
 @triton.jit
 def _masked_adamw_kernel(p_ptr, g_ptr, mask_ptr, offsets_ptr, m_ptr, v_ptr, partial_ptr, found_ptr, scale_ptr,
                          n, state_len, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, bias_correction1,
-                         bias_correction2_sqrt, eps, weight_decay, momentum, one_minus_dampening,
+                         bias_correction2_sqrt, eps, weight_decay, momentum, one_minus_dampening, threshold,
                          BLOCK: tl.constexpr, HAS_DECAY: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
                          HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -60,7 +60,7 @@ def _masked_adamw_kernel(p_ptr, g_ptr, mask_ptr, offsets_ptr, m_ptr, v_ptr, part
     else:
         bad = on & False
     u, m, v = direction(g, p, m, v, beta1, beta2, one_minus_beta1, one_minus_beta2, bias_correction1,
-                        bias_correction2_sqrt, eps, weight_decay, momentum, one_minus_dampening,
+                        bias_correction2_sqrt, eps, weight_decay, momentum, one_minus_dampening, threshold,
                         "adamw", HAS_DECAY, False, False, False)
     write = on & (bad == 0)
     tl.store(m_ptr + idx, m, mask=write)
