@@ -25,11 +25,21 @@ struct PairWord {
   const T* b;
   CPL_INLINE uint32_t operator()(int64_t base, int64_t len) const {
     uint32_t bits = 0;
+    // A constant trip count and the bit formed by a shift, not `cond ? 0 : kBits.bit[k]`: that form
+    // compiled to a branch per vector that random signs mispredict (measured, 1M fp32, one thread:
+    // 8.8 ns an element on random signs, 3.2 on all-positive ones; this form: 3.2 on both).
+    if (len == kBitsPerWord) {
 #pragma omp simd reduction(| : bits)
-    for (int64_t k = 0; k < len; ++k) {
+      for (int k = 0; k < kBitsPerWord; ++k) {
+        const float x = to_f32(a[base + k]), y = to_f32(b[base + k]);
+        const uint32_t conflicting = ((x > 0.f) & (y < 0.f)) | ((x < 0.f) & (y > 0.f));
+        bits |= (conflicting ^ 1u) << k;
+      }
+      return bits;
+    }
+    for (int64_t k = 0; k < len; ++k) {  // the tensor's last, partial word
       const float x = to_f32(a[base + k]), y = to_f32(b[base + k]);
-      const bool conflicting = (x > 0.f && y < 0.f) || (x < 0.f && y > 0.f);
-      bits |= conflicting ? 0u : kBits.bit[k];
+      bits |= (((x > 0.f) & (y < 0.f)) | ((x < 0.f) & (y > 0.f))) ? 0u : kBits.bit[k];
     }
     return bits;
   }
@@ -46,7 +56,11 @@ struct CodeWord {
     expand_signs(codes[base / kCodesPerWord], s);
     if (base + kCodesPerWord < n) expand_signs(codes[base / kCodesPerWord + 1], s + kCodesPerWord);
     uint32_t bits = 0;
+    if (len == kBitsPerWord) {  // as PairWord (codes, random signs: ~7 -> 1.9 ns an element)
 #pragma omp simd reduction(| : bits)
+      for (int k = 0; k < kBitsPerWord; ++k) bits |= static_cast<uint32_t>(!conflicts_sign(to_f32(a[base + k]), s[k])) << k;
+      return bits;
+    }
     for (int64_t k = 0; k < len; ++k) bits |= conflicts_sign(to_f32(a[base + k]), s[k]) ? 0u : kBits.bit[k];
     return bits;
   }
