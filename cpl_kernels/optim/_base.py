@@ -19,6 +19,7 @@ another model is refused by name instead of training on misplaced state.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from itertools import chain
 
@@ -89,6 +90,18 @@ def lr_value(owner: str, lr) -> float:
     if isinstance(lr, bool) or not isinstance(lr, (int, float)):
         raise TypeError(f"{owner}: lr must be a float or a 1-element Tensor, got {type(lr).__name__}")
     return float(lr)
+
+
+def warn_nonfinite(owner: str, hits: list[tuple[str, int]]) -> None:
+    """check_finite="skip": one RuntimeWarning naming the parameters (name, count) whose non-finite
+    gradient elements the step left untouched (stacklevel: the caller of opt.step())."""
+    if not hits:
+        return
+    listing = ", ".join(f"{name} ({count})" for name, count in hits[:8])
+    more = f" and {len(hits) - 8} more" if len(hits) > 8 else ""
+    warnings.warn(f"{owner}.step: non-finite gradient elements were left untouched (no update, no state "
+                  f"change) in {len(hits)} parameter(s): {listing}{more}. check_finite='raise' refuses such "
+                  "steps instead.", RuntimeWarning, stacklevel=6)
 
 
 def finite_mode(owner: str, value) -> str | bool:

@@ -11,7 +11,7 @@ from torch import Tensor
 from .. import engine, ops
 from .. import reference as ref
 from . import _layout
-from ._base import Item, StateOptimizer, finite_mode, like_param, local, lr_value
+from ._base import Item, StateOptimizer, finite_mode, like_param, local, lr_value, warn_nonfinite
 
 CODES_KEY = "cpl_codes"
 CRITERIA = ("update", "gradient")
@@ -317,12 +317,7 @@ class CPLOptimizer(StateOptimizer):
         untouched (the counts are host tensors on CPU; on CUDA this is one sync)."""
         hits = [(self.param_name(p), int(c)) for group in self._nonfinite for params, counts in group
                 if bool(counts.any()) for p, c in zip(params, counts.tolist()) if c]
-        if hits:
-            listing = ", ".join(f"{name} ({count})" for name, count in hits[:8])
-            more = f" and {len(hits) - 8} more" if len(hits) > 8 else ""
-            warnings.warn(f"{type(self).__name__}.step: non-finite gradient elements were left untouched "
-                          f"(no update, no state change) in {len(hits)} parameter(s): {listing}{more}. "
-                          "check_finite='raise' refuses such steps instead.", RuntimeWarning, stacklevel=5)
+        warn_nonfinite(type(self).__name__, hits)
 
     @property
     def nonfinite_counts(self) -> list[int]:

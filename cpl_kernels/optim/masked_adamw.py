@@ -13,7 +13,8 @@ from torch import Tensor
 from .. import ops
 from .. import reference as ref
 from . import _mask_state, _shard_state
-from ._base import RAW_KEY, Item, StateOptimizer, check_args, check_hyper, finite_mode, local, lr_value
+from ._base import (RAW_KEY, Item, StateOptimizer, check_args, check_hyper, finite_mode, local, lr_value,
+                    warn_nonfinite)
 from ._mask_state import MASK_KEY, OFFSETS_KEY
 
 DEFAULTS = ("train", "freeze")
@@ -210,12 +211,7 @@ class MaskedAdamW(StateOptimizer):
             return
         counts = torch.stack([c.to(done[0][1].device) for _, c in done]).tolist()
         hits = [(self.param_name(p), c) for (p, _), c in zip(done, counts) if c]
-        if hits:
-            listing = ", ".join(f"{name} ({count})" for name, count in hits[:8])
-            more = f" and {len(hits) - 8} more" if len(hits) > 8 else ""
-            warnings.warn(f"{type(self).__name__}.step: non-finite gradient elements were left untouched "
-                          f"(no update, no state change) in {len(hits)} parameter(s): {listing}{more}. "
-                          "check_finite='raise' refuses such steps instead.", RuntimeWarning, stacklevel=5)
+        warn_nonfinite(type(self).__name__, hits)
 
     @property
     def nonfinite_counts(self) -> list[int]:
