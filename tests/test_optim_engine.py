@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from cpl_kernels import CPLAdam, CPLAdamW, CPLLion, CPLSGD
+from cpl_kernels import CPLAdam, CPLAdamW, CPLLion, CPLSGD, MaskedAdamW
 from test_engine import plain_lion_
 
 CPL = [CPLAdamW, CPLAdam, CPLSGD, CPLLion]
@@ -56,15 +56,28 @@ def test_check_finite_false_lets_nan_through_like_torch():
         CPLAdamW([p], check_finite="sometimes")
 
 
-@pytest.mark.parametrize("cls,torch_cls,kw", [
-    (CPLAdamW, torch.optim.AdamW, dict(weight_decay=0.1)),
-    (CPLAdam, torch.optim.Adam, dict(weight_decay=0.1)),
-])
-def test_grad_scaler_fused_protocol_matches_torch_fused(cls, torch_cls, kw):
+def no_reference(cls):
+    def make(params, **kw):
+        opt = cls(params, **kw)
+        opt.clear_reference()
+        return opt
+    return make
+
+
+def all_active(params, **kw):
+    params = list(params)
+    return MaskedAdamW(params, masks=[torch.ones_like(p, dtype=torch.bool) for p in params], **kw)
+
+
+@pytest.mark.parametrize("make,torch_cls,kw", [
+    (no_reference(CPLAdamW), torch.optim.AdamW, dict(weight_decay=0.1)),
+    (no_reference(CPLAdam), torch.optim.Adam, dict(weight_decay=0.1)),
+    (all_active, torch.optim.AdamW, dict(weight_decay=0.1)),  # the masked step's own kernel
+], ids=["CPLAdamW", "CPLAdam", "MaskedAdamW"])
+def test_grad_scaler_fused_protocol_matches_torch_fused(make, torch_cls, kw):
     """GradScaler hands grad_scale/found_inf to the step (no unscale pass) and skips inf steps."""
     ours, theirs = named_model(), named_model()
-    opt_a = cls(ours.parameters(), lr=0.01, **kw)
-    opt_a.clear_reference()
+    opt_a = make(ours.parameters(), lr=0.01, **kw)
     opt_b = torch_cls(theirs.parameters(), lr=0.01, fused=True, **kw)
     scaler_a, scaler_b = torch.amp.GradScaler("cpu", init_scale=1024.0), torch.amp.GradScaler("cpu", init_scale=1024.0)
     gen = torch.Generator().manual_seed(3)
