@@ -105,56 +105,51 @@ def assert_same(a, b):
     assert ca == cb
 
 
-def run_normal(make_opt, reference, scheduler=False):
+def train_loop(make_opt, reference, scheduler=False, bwd=False, via_build_reference=False):
+    """The training loop both ways: normal steps (`opt.step()`), or steps inside backward with the
+    references packed by the hooks (or by build_reference, when via_build_reference)."""
     model = make_net()
     opt = make_opt(model)
+    attached = in_backward(opt) if bwd else None
+    hooks_pack = bwd and not via_build_reference
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if scheduler else None
     if has_reference(opt) and reference == "none":
         opt.clear_reference()
     out = []
     for t, batch in enumerate(INJECT):
         if has_reference(opt) and reference == "per-step":
-            build_reference(opt, model, [MASTERED[t % len(MASTERED)]], loss_fn)
-        if has_reference(opt) and reference == "per-epoch" and t % 3 == 0:
-            build_reference(opt, model, MASTERED, loss_fn)
-        loss_fn(model, batch).backward()
-        opt.step()
-        opt.zero_grad()
-        if sched:
-            sched.step()
-        out.append(snapshot(model, opt))
-    return out
-
-
-def run_in_backward(make_opt, reference, scheduler=False, via_build_reference=False):
-    model = make_net()
-    opt = make_opt(model)
-    attached = in_backward(opt)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if scheduler else None
-    if has_reference(opt) and reference == "none":
-        opt.clear_reference()
-    out = []
-    for t, batch in enumerate(INJECT):
-        if has_reference(opt) and reference == "per-step":
-            if via_build_reference:
-                build_reference(opt, model, [MASTERED[t % len(MASTERED)]], loss_fn)
-            else:
+            if hooks_pack:
                 with attached.reference_pass():
                     loss_fn(model, MASTERED[t % len(MASTERED)]).backward()
-        if has_reference(opt) and reference == "per-epoch" and t % 3 == 0:
-            if via_build_reference:
-                build_reference(opt, model, MASTERED, loss_fn)
             else:
+                build_reference(opt, model, [MASTERED[t % len(MASTERED)]], loss_fn)
+        if has_reference(opt) and reference == "per-epoch" and t % 3 == 0:
+            if hooks_pack:
                 with attached.reference_pass(accumulate=True):
                     for b in MASTERED:
                         (loss_fn(model, b) / len(MASTERED)).backward()
+            else:
+                build_reference(opt, model, MASTERED, loss_fn)
         loss_fn(model, batch).backward()
-        assert all(p.grad is None for p in model.parameters())
+        if bwd:
+            assert all(p.grad is None for p in model.parameters())
+        else:
+            opt.step()
+            opt.zero_grad()
         if sched:
             sched.step()
         out.append(snapshot(model, opt))
-    attached.detach()
+    if bwd:
+        attached.detach()
     return out
+
+
+def run_normal(make_opt, reference, scheduler=False):
+    return train_loop(make_opt, reference, scheduler)
+
+
+def run_in_backward(make_opt, reference, scheduler=False, via_build_reference=False):
+    return train_loop(make_opt, reference, scheduler, bwd=True, via_build_reference=via_build_reference)
 
 
 CASES = [(name, ref) for name in OPTIMIZERS for ref in (["none"] if name == "masked" else
