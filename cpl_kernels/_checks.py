@@ -32,6 +32,30 @@ def tensor(op: str, name: str, t, *, dtypes=None, numel=None, like: Tensor | Non
         _fail(op, name, f"has {t.numel()} elements; expected {numel}")
 
 
+def on_device(op: str, name: str, t, device: torch.device) -> None:
+    """t is a dense tensor on `device`: what routes a call to a kernel (a sparse or meta entry
+    would send it to another one); the native kernels check the rest."""
+    if not isinstance(t, Tensor):
+        _fail(op, name, f"must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        _fail(op, name, f"must be a dense (strided) tensor, got layout {t.layout}")
+    if t.device != device:
+        _fail(op, name, f"is on {t.device} but the other inputs are on {device}")
+
+
+def all_on_device(op: str, name: str, xs, device: torch.device, none_ok: bool = False) -> None:
+    """on_device for every entry of the list `name` (None entries allowed when none_ok): one pass
+    without a call per entry (the per-entry form cost ~1.2 us an entry, 0.17 ms a 35-tensor step),
+    the entry named only when one fails."""
+    strided = torch.strided
+    if all((t is None and none_ok) or (isinstance(t, Tensor) and t.device == device and t.layout == strided)
+           for t in xs):
+        return
+    for i, t in enumerate(xs):
+        if not (t is None and none_ok):
+            on_device(op, f"{name}[{i}]", t, device)
+
+
 def same_shape(op: str, name: str, t: Tensor, ref_name: str, ref_t: Tensor) -> None:
     if t.shape != ref_t.shape:
         _fail(op, name, f"has shape {tuple(t.shape)} but '{ref_name}' has shape {tuple(ref_t.shape)}")

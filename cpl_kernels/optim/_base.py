@@ -136,14 +136,20 @@ def check_hyper(owner: str, lr, eps=None, betas=None, weight_decay=0.0, momentum
 
 
 class Item:
-    """One parameter stepped this step: the parameter, its local shard and gradient, and the 1-D
-    memory-order tensors the kernels work on (views, or copies written back for layouts with
-    gaps)."""
+    """One parameter stepped this step: the parameter, its local shard and gradient, and the
+    memory-order tensors the kernels work on: the tensors themselves when both are contiguous
+    (the kernels take any contiguous shape), else 1-D views in the parameter's memory order, or
+    copies written back for layouts with gaps."""
 
     __slots__ = ("param", "local", "grad", "work_param", "work_grad", "copy_back")
 
     def __init__(self, param: Tensor, grad: Tensor):
         self.param, self.local, self.grad = param, local(param), local(grad)
+        if self.local.is_contiguous() and self.grad.is_contiguous():
+            # No views: a view costs ~2 us of Python, and a step made four a parameter (0.3 ms a
+            # step for a 35-tensor model).
+            self.copy_back, self.work_param, self.work_grad = False, self.local, self.grad
+            return
         self.copy_back = not _layout.dense(self.local)
         self.work_param = (self.local.contiguous().view(-1) if self.copy_back
                            else _layout.flat(self.local))
@@ -220,17 +226,18 @@ class StateOptimizer(Optimizer):
 
     def _item(self, p: Tensor) -> Item:
         """The Item stepping p with its .grad (not None), validated (nothing written)."""
-        if p.grad.is_sparse:
+        g = p.grad
+        if g.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; "
                                f"parameter {self.param_name(p)} has one (use a dense embedding)")
         if p.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{type(self).__name__}.step: parameter {self.param_name(p)} has "
                             f"dtype {p.dtype}, which the kernels do not step")
-        if p.grad.dtype != p.dtype or p.grad.shape != p.shape:
+        if g.dtype != p.dtype or g.shape != p.shape:
             raise ValueError(f"{type(self).__name__}.step: the gradient of parameter "
-                             f"{self.param_name(p)} has dtype {p.grad.dtype} and shape "
-                             f"{tuple(p.grad.shape)}; the parameter has {p.dtype}, {tuple(p.shape)}")
-        return Item(p, p.grad)
+                             f"{self.param_name(p)} has dtype {g.dtype} and shape "
+                             f"{tuple(g.shape)}; the parameter has {p.dtype}, {tuple(p.shape)}")
+        return Item(p, g)
 
     def _check_finite(self, work: list[list[Item]]) -> None:
         """Raises before anything is written when a gradient holds NaN or inf (one host sync).
@@ -261,9 +268,9 @@ class StateOptimizer(Optimizer):
 
     def _step_value(self, p: Tensor, state) -> float:
         """The step count stored for p (0 before its first step), validated."""
-        step = state.get("step", 0.0) if isinstance(state, Mapping) else 0.0
+        step = state.get("step", 0.0) if isinstance(state, dict) or isinstance(state, Mapping) else 0.0
         value = float(step.item() if isinstance(step, Tensor) else step)
-        if not (math.isfinite(value) and value >= 0 and value == int(value)):
+        if not (0 <= value < math.inf and value == int(value)):
             raise ValueError(f"{type(self).__name__}: parameter {self.param_name(p)} has step count "
                              f"{value!r} in its state; a step count is a whole number >= 0")
         return value

@@ -227,20 +227,26 @@ class CPLOptimizer(StateOptimizer):
         new or relaid state goes to `installs`, nothing is written. fp32 state here: one tensor per
         key, shaped and laid out like the parameter (CPLAdamW8bit adds the 8-bit format)."""
         slots, fresh = [], False
+        shape = it.local.shape
         for key in keys:
             value = state.get(key)
             if value is None:
                 fresh = True
                 value = like_param(it.param, _layout.new_like(it.local))
                 installs.append((it.param, key, value))
-            elif local(value).shape != it.local.shape or local(value).dtype != torch.float32:
+            t = local(value)
+            if t.shape != shape or t.dtype != torch.float32:
                 raise ValueError(f"{owner}.step: '{key}' of parameter {self.param_name(it.param)} has "
-                                 f"shape {tuple(local(value).shape)} and dtype {local(value).dtype}; "
-                                 f"expected fp32 of shape {tuple(it.local.shape)}")
-            elif not _layout.same_layout(local(value), it.local):
-                value = like_param(it.param, _layout.relaid(local(value), it.local))
+                                 f"shape {tuple(t.shape)} and dtype {t.dtype}; expected fp32 of shape "
+                                 f"{tuple(shape)}")
+            if it.work_param is it.local and t.is_contiguous():  # the common case: t as it is
+                slots.append(t)
+                continue
+            if not _layout.same_layout(t, it.local):
+                value = like_param(it.param, _layout.relaid(t, it.local))
                 installs.append((it.param, key, value))
-            slots.append(_layout.flat(local(value)))
+                t = local(value)
+            slots.append(_layout.working(t, it.work_param))
         return "fp32", slots, fresh
 
     def _engine_step(self, fmt: str, params: list[Tensor], grads: list[Tensor], slots: list[list[Tensor]],

@@ -59,3 +59,10 @@ def flat(t: Tensor) -> Tensor:
 def flat_in_layout_of(t: Tensor, like: Tensor) -> Tensor:
     """t's elements as a 1-D tensor in `like`'s working memory order (a view when possible)."""
     return flat(relaid(t, like))
+
+
+def working(t: Tensor, work: Tensor) -> Tensor:
+    """State t (in its parameter's working layout) as the kernels take it beside the parameter's
+    working tensor `work`: t itself when `work` is the contiguous parameter (same shape), else
+    its 1-D view in memory order."""
+    return t if work.dim() != 1 or t.dim() == 1 else flat(t)

@@ -132,6 +132,7 @@ def thresholds(tensors: list[tuple[Tensor, Tensor, Tensor | None]], alpha: float
     tensors' samples are stacked and go through one set of ops and one batched topk, and one host
     read fetches all their thresholds (per tensor they cost ~10 small torch ops and a sync each,
     which on a 35-tensor model step was most of the threshold's cost)."""
+    tensors = [(m.reshape(-1), g.reshape(-1), codes) for m, g, codes in tensors]  # codes count flat elements
     out: list[tuple[float, float] | None] = [None] * len(tensors)
     big = []
     for i, (m, g, codes) in enumerate(tensors):
