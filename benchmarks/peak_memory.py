@@ -64,6 +64,11 @@ CASES = {
     "cpladamw-step-ref-bwd": ("cpladamw", "step", True),
     "masked50": ("masked50", None, False),
     "masked50-bwd": ("masked50", None, True),
+    # 8-bit blockwise m, v (issue 14): the state falls from 8 to ~2 B/param.
+    "cpladamw8bit": ("cpladamw8bit", "epoch", False),
+    "cpladamw8bit-bwd": ("cpladamw8bit", "epoch", True),
+    "cpladamw8bit-step-ref": ("cpladamw8bit", "step", False),
+    "cpladamw8bit-step-ref-bwd": ("cpladamw8bit", "step", True),
 }
 OPTIMIZERS = tuple(CASES)  # the cases, by their historical name (benchmarks/report.py)
 TIMED_STEPS = 4
@@ -98,7 +103,7 @@ def child(model_name: str, case: str, timed_steps: int = TIMED_STEPS, checkpoint
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from cpl_kernels import build_reference, in_backward
-    from cpl_kernels.optim import CPLAdamW, MaskedAdamW
+    from cpl_kernels.optim import CPLAdamW, CPLAdamW8bit, MaskedAdamW
     from .live_memory import LiveTimeline, phase, saved_activation_bytes
     from .paper_style import PaperStyleCPLAdamW
 
@@ -120,6 +125,8 @@ def child(model_name: str, case: str, timed_steps: int = TIMED_STEPS, checkpoint
     elif optimizer == "masked50":
         gen = torch.Generator().manual_seed(2)
         opt = MaskedAdamW(params, masks=[torch.rand(p.shape, generator=gen) < 0.5 for p in params], lr=1e-4)
+    elif optimizer == "cpladamw8bit":
+        opt = CPLAdamW8bit(params, lr=1e-4)
     else:
         opt = CPLAdamW(params, lr=1e-4)
     gen = torch.Generator().manual_seed(1)
@@ -134,7 +141,7 @@ def child(model_name: str, case: str, timed_steps: int = TIMED_STEPS, checkpoint
     loss_fn(model, mastered).backward()
     if schedule == "epoch":  # the mastered reference, once (as the paper: per epoch)
         opt.set_reference() if optimizer == "paper" else opt.set_reference_from_grads()
-    elif optimizer == "cpladamw":
+    elif optimizer.startswith("cpladamw"):
         opt.clear_reference()  # rebuilt inside every step below
     opt.zero_grad(set_to_none=True)
     attached = in_backward(opt) if inside else None

@@ -24,6 +24,17 @@ def kernel(name: str, device: torch.device):
     return getattr(ref, name)
 
 
+def native_kernel(name: str, device: torch.device):
+    """The native (C++ or CUDA) kernel of op `name` serving `device`, or None. A native kernel
+    validates every argument it dereferences before writing (dtypes, sizes, devices, the compact
+    state of masked_adamw_step_), so a caller that has checked the rest (shapes, hyperparameters)
+    may call it without the typed wrapper's Python checks."""
+    backend = _backend.choose(device)
+    if backend in ("cpp", "cuda") and _backend.has_op(name, "CPU" if backend == "cpp" else "CUDA"):
+        return getattr(torch.ops.cpl, name)
+    return None
+
+
 def empty_codes(like: Tensor) -> Tensor:
     """A zeroed sign-code buffer for a tensor shaped like `like` (0.25 B per element)."""
     return torch.zeros(ref.num_code_words(like.numel()), dtype=torch.int32, device=like.device)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cpl_kernels import (CPLAdam, CPLAdamW, CPLLion, CPLSGD, InBackward, MaskedAdamW, build_reference,
-                         in_backward)
+                         in_backward, quant8)
+from cpl_kernels.optim import CPLAdamW8bit
 from cpl_kernels.optim._cpl import CODES_KEY
 
 STEPS = 6
@@ -75,6 +76,9 @@ OPTIMIZERS = {
     "sgd-plain": lambda m: CPLSGD(named(m), lr=0.05),
     "lion": lambda m: CPLLion(named(m), lr=0.01, weight_decay=0.1),
     "masked": lambda m: MaskedAdamW(named(m), masks=masks_for(m), lr=0.05),
+    # 8-bit state for tensors of >= 64 elements here (the test lowers quant8.MIN_NUMEL): the Net's
+    # weights (one partial block each) step in 8 bits, its bias and scale in fp32.
+    "adamw8bit": lambda m: CPLAdamW8bit(named(m), lr=0.05, weight_decay=0.1),
     "two-groups": lambda m: CPLAdamW([{"params": [m.inp.weight, m.inp.bias], "lr": 0.02},
                                       {"params": [m.tied, m.out_t, m.scale]}], lr=0.05),
 }
@@ -157,13 +161,16 @@ CASES = [(name, ref) for name in OPTIMIZERS for ref in (["none"] if name == "mas
 
 
 @pytest.mark.parametrize("name,reference", CASES)
-def test_in_backward_equals_step_bit_for_bit(name, reference):
+def test_in_backward_equals_step_bit_for_bit(name, reference, monkeypatch):
+    monkeypatch.setattr(quant8, "MIN_NUMEL", 64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # in particular: no "lr_scheduler.step() before optimizer.step()"
         normal = run_normal(OPTIMIZERS[name], reference, scheduler=True)
         inside = run_in_backward(OPTIMIZERS[name], reference, scheduler=True)
     for a, b in zip(normal, inside):
         assert_same(a, b)
+    if name == "adamw8bit":  # the 8-bit format did step (not only the fp32 fallback of small tensors)
+        assert sum("exp_avg_codes" in st for st in normal[-1][1].values()) == 3
     if has_reference(make_net_opt(name)) and reference != "none":
         assert sum(sum(c[2][0]) for c in normal) > 0  # the reference did freeze elements
 
