@@ -11,11 +11,11 @@
 //   7. store the state (the old values where g was not finite) and p - lr*u where applied
 // Counts per tensor: conflicting (non-finite elements excluded) and non-finite.
 //
-// Written so GCC vectorises it (simd.h): no branches on data (keep_unless and
-// select_bits are bit masks; the non-finite test is one subtract and compare: g - g == 0 is false
-// for NaN and inf), the rule, skip and scale as template flags, signs expanded from the 2-bit codes through
-// simd.h's table for a batch of 64 words (1024 lanes) before one long `omp simd` loop, and each
-// range compiled twice (baseline x86-64 and the AVX2 clone without FMA, picked at run time).
+// Written so GCC vectorises it (simd.h): no branches on data (keep_unless and select_bits are bit
+// masks; the non-finite test is one subtract and compare: g - g == 0 is false for NaN and inf), the
+// rule, skip and scale as template flags, signs expanded from the 2-bit codes (simd.h: a table, or
+// AVX2 shifts and a permute) for a batch of 64 words (1024 lanes) before one long `omp simd` loop,
+// and each range compiled twice (baseline x86-64 and the AVX2 clone without FMA, picked at run time).
 // Both counts travel in one int32 reduction ((conflicting | non-finite) + (non-finite << 16): at
 // most 1024 lanes a batch, so neither field overflows), one vector add per 8 lanes instead of two.
 //
@@ -172,8 +172,8 @@ template <class D>
 inline constexpr bool kIsBlockwise8<Blockwise8<D>> = true;
 
 // Elements [i0, i1) of entry e (i0 a multiple of 16, and of kQBlock for the 8-bit format); adds
-// the counts to counts[0], counts[1].
-template <class D, typename T, int kRule, bool kSkip, bool kScale>
+// the counts to counts[0], counts[1]. kAvx2: compiled inside range_avx2 (AVX2 sign expansion).
+template <class D, typename T, int kRule, bool kSkip, bool kScale, bool kAvx2>
 CPL_INLINE void range(const D& d_in, const Entry& e, int64_t i0, int64_t i1, float scale, int64_t* counts) {
   const D d = d_in;  // scalars by value: no aliasing question for the vectoriser
   T* __restrict p = static_cast<T*>(e.param);
@@ -205,7 +205,12 @@ CPL_INLINE void range(const D& d_in, const Entry& e, int64_t i0, int64_t i1, flo
     } else {
       // The last word of a tensor may be partial: its unused codes are 0 and never read as lanes.
       const uint32_t* __restrict words = e.codes + i / kCodesPerWord;
-      for (int64_t w = 0; w < ceil_div(lanes, kCodesPerWord); ++w) expand_signs(words[w], sign + kCodesPerWord * w);
+      const int64_t nwords = ceil_div(lanes, kCodesPerWord);
+      if constexpr (kAvx2) {
+        expand_signs_avx2(words, nwords, sign);
+      } else {
+        for (int64_t w = 0; w < nwords; ++w) expand_signs(words[w], sign + kCodesPerWord * w);
+      }
 #pragma omp simd reduction(+ : packed)
       for (int64_t k = 0; k < lanes; ++k)
         packed += lane<D, T, kRule, kSkip, kScale>(d, p, g, s1, s2, i + k, base + k, sign[k], scale);
@@ -227,12 +232,12 @@ using RangeFn = void (*)(const D&, const Entry&, int64_t, int64_t, float, int64_
 
 template <class D, typename T, int kRule, bool kSkip, bool kScale>
 void range_base(const D& d, const Entry& e, int64_t i0, int64_t i1, float scale, int64_t* counts) {
-  range<D, T, kRule, kSkip, kScale>(d, e, i0, i1, scale, counts);
+  range<D, T, kRule, kSkip, kScale, false>(d, e, i0, i1, scale, counts);
 }
 
 template <class D, typename T, int kRule, bool kSkip, bool kScale>
 CPL_TARGET_AVX2 void range_avx2(const D& d, const Entry& e, int64_t i0, int64_t i1, float scale, int64_t* counts) {
-  range<D, T, kRule, kSkip, kScale>(d, e, i0, i1, scale, counts);
+  range<D, T, kRule, kSkip, kScale, true>(d, e, i0, i1, scale, counts);
 }
 
 template <class D, typename T, bool kSkip, bool kScale>

@@ -18,6 +18,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #define CPL_INLINE inline __attribute__((always_inline))
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -95,6 +99,28 @@ inline constexpr SignTable kSignTable{};
 CPL_INLINE void expand_signs(uint32_t word, float* s) {
   for (int b = 0; b < 4; ++b) std::memcpy(s + 4 * b, kSignTable.row[(word >> (8 * b)) & 255u], 4 * sizeof(float));
 }
+
+// The signs of `n` code words into s[0..16n), as expand_signs, with AVX2: each word's codes are
+// shifted into the low two bits of 8 lanes at a time and the sign looked up with one in-register
+// permute (vpermilps reads the low two bits of each lane): 7 instructions a word instead of the
+// table's 22 (four loads, four stores, shifts). Measured in the engine's SGD momentum step with
+// codes, 16M fp32, 2 threads: 1.29x -> 1.18x a plain momentum loop (median of 3 runs of 30 rounds).
+#if CPL_HAVE_AVX2_DISPATCH
+CPL_TARGET_AVX2 inline void expand_signs_avx2(const uint32_t* words, int64_t n, float* s) {
+  const __m256i low = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i high = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
+  const __m256 sign_of_code = _mm256_setr_ps(0.f, 1.f, -1.f, 0.f, 0.f, 1.f, -1.f, 0.f);  // codes 0..3, per 128 bits
+  for (int64_t w = 0; w < n; ++w) {
+    const __m256i word = _mm256_set1_epi32(static_cast<int>(words[w]));
+    _mm256_storeu_ps(s + 16 * w, _mm256_permutevar_ps(sign_of_code, _mm256_srlv_epi32(word, low)));
+    _mm256_storeu_ps(s + 16 * w + 8, _mm256_permutevar_ps(sign_of_code, _mm256_srlv_epi32(word, high)));
+  }
+}
+#else
+inline void expand_signs_avx2(const uint32_t* words, int64_t n, float* s) {
+  for (int64_t w = 0; w < n; ++w) expand_signs(words[w], s + 16 * w);
+}
+#endif
 
 // Bit k of a word and the two bits of code k, as tables: `cond ? kBit[k] : 0` vectorises as a
 // blend where `cond << k` would need AVX2's per-lane variable shifts.
