@@ -28,20 +28,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _layout
+from ._options import _REFUSED, check_args, finite_mode
 
 RAW_KEY = "cpl_raw_state"
-# check_finite values: "skip" (fused into the step: non-finite elements left untouched, counted,
-# warned by name), "raise" (True: a pre-pass; nothing written, FloatingPointError), False (off).
-FINITE_MODES = ("skip", "raise", False)
 SHAPES_KEY = "cpl_param_shapes"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-# torch.optim arguments: those that change the maths are refused when switched on; foreach and
-# fused only pick an implementation (every step here is already one fused pass per tensor), so
-# any value is accepted and ignored.
-_REFUSED = ("amsgrad", "maximize", "capturable", "differentiable")
-_IGNORED = ("foreach", "fused")
-
 
 def local(t):
     """The local shard of a DTensor (FSDP2, tensor parallel), the tensor itself otherwise.
@@ -73,25 +64,6 @@ def state_bytes(optimizer: Optimizer) -> int:
                for v in st.values())
 
 
-def check_args(owner: str, **flags) -> None:
-    for name, value in flags.items():
-        if name in _REFUSED and value:
-            raise ValueError(f"{owner}: {name}={value!r} is not supported (only {name}=False)")
-        if name not in _REFUSED and name not in _IGNORED:
-            raise TypeError(f"{owner}: unexpected argument {name!r}")
-
-
-def lr_value(owner: str, lr) -> float:
-    """The learning rate as a float; a Tensor lr must hold one value (torch's rule and words)."""
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"{owner}: Tensor lr must be 1-element")
-        return float(lr.item())
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-        raise TypeError(f"{owner}: lr must be a float or a 1-element Tensor, got {type(lr).__name__}")
-    return float(lr)
-
-
 def warn_nonfinite(owner: str, hits: list[tuple[str, int]]) -> None:
     """check_finite="skip": one RuntimeWarning naming the parameters (name, count) whose non-finite
     gradient elements the step left untouched (stacklevel: the caller of opt.step())."""
@@ -102,37 +74,6 @@ def warn_nonfinite(owner: str, hits: list[tuple[str, int]]) -> None:
     warnings.warn(f"{owner}.step: non-finite gradient elements were left untouched (no update, no state "
                   f"change) in {len(hits)} parameter(s): {listing}{more}. check_finite='raise' refuses such "
                   "steps instead.", RuntimeWarning, stacklevel=6)
-
-
-def finite_mode(owner: str, value) -> str | bool:
-    """check_finite normalised: True (the old spelling of the pre-pass) is "raise"."""
-    if value is True:
-        return "raise"
-    if value is False or value in ("skip", "raise"):
-        return value
-    raise ValueError(f"{owner}: check_finite must be 'skip', 'raise' (or True) or False, got {value!r}")
-
-
-def check_hyper(owner: str, lr, eps=None, betas=None, weight_decay=0.0, momentum=None) -> None:
-    value = lr_value(owner, lr)
-    if not value >= 0.0:
-        raise ValueError(f"{owner}: invalid learning rate lr={lr}")
-    if eps is not None and not eps >= 0.0:
-        raise ValueError(f"{owner}: invalid eps={eps}")
-    if betas is not None:
-        if len(betas) != 2:
-            raise ValueError(f"{owner}: betas must be a pair (beta1, beta2), got {betas!r}")
-        for i, b in enumerate(betas):
-            if isinstance(b, Tensor):
-                # The kernels take betas as host floats; a Tensor beta would only fail later, at
-                # the first step (torch itself accepts Tensor betas only for capturable/fused).
-                raise ValueError(f"{owner}: betas[{i}] is a Tensor; pass betas as floats")
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"{owner}: invalid beta parameter at index {i}: {b}")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"{owner}: invalid weight_decay={weight_decay}")
-    if momentum is not None and not momentum >= 0.0:
-        raise ValueError(f"{owner}: invalid momentum={momentum}")
 
 
 class Item:

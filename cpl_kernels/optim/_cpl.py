@@ -11,7 +11,8 @@ from torch import Tensor
 from .. import engine, ops
 from .. import reference as ref
 from . import _layout
-from ._base import Item, StateOptimizer, finite_mode, like_param, local, lr_value, warn_nonfinite
+from ._base import Item, StateOptimizer, like_param, local, warn_nonfinite
+from ._options import finite_mode, lr_value
 
 CODES_KEY = "cpl_codes"
 CRITERIA = ("update", "gradient")

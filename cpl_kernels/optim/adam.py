@@ -5,7 +5,7 @@ from collections.abc import Iterable
 
 from torch import Tensor
 
-from ._base import check_args, check_hyper, finite_mode
+from ._options import check_args, check_hyper, finite_mode
 from ._cpl import CPLOptimizer, check_criterion
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")

@@ -13,9 +13,9 @@ from torch import Tensor
 from .. import ops
 from .. import reference as ref
 from . import _mask_state, _shard_state
-from ._base import (RAW_KEY, Item, StateOptimizer, check_args, check_hyper, finite_mode, local, lr_value,
-                    warn_nonfinite)
+from ._base import RAW_KEY, Item, StateOptimizer, local, warn_nonfinite
 from ._mask_state import MASK_KEY, OFFSETS_KEY
+from ._options import check_args, check_hyper, finite_mode, lr_value
 
 DEFAULTS = ("train", "freeze")
 
