@@ -49,6 +49,11 @@ def has_op(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"cpl::{op}", dispatch_key)
 
 
+def native_op(op: str, backend: str) -> bool:
+    """`backend` is a native one (cpp, cuda) and cpl_kernels._C registered a kernel of `op` for it."""
+    return backend in ("cpp", "cuda") and has_op(op, "CPU" if backend == "cpp" else "CUDA")
+
+
 def warn_fallback(what: str) -> None:
     _warn_fallback(what)
 

@@ -110,13 +110,13 @@ def _backend_fn(params, op: str, triton_name: str, reference_fn):
     check.tensor(op, "params[0]", params[0])
     device = params[0].device
     backend = _backend.choose(device)
-    if backend in ("cpp", "cuda") and not _backend.has_op(op, "CPU" if backend == "cpp" else "CUDA"):
+    if _backend.native_op(op, backend):
+        return getattr(torch.ops.cpl, op), True
+    if backend in ("cpp", "cuda"):
         # A library built before this op existed: as a library that fails to load, loud, once.
         _backend.warn_fallback(f"cpl.{op} (cpl_kernels._C has no {backend} kernel for it: rebuild "
                                "with `pip install --no-build-isolation -e .`)")
-        backend = "reference"
-    if backend in ("cpp", "cuda"):
-        return getattr(torch.ops.cpl, op), True
+        return reference_fn, False
     if backend == "triton":
         from .triton import step as triton_step
         return getattr(triton_step, triton_name), False

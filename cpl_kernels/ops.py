@@ -29,10 +29,7 @@ def native_kernel(name: str, device: torch.device):
     validates every argument it dereferences before writing (dtypes, sizes, devices, the compact
     state of masked_adamw_step_), so a caller that has checked the rest (shapes, hyperparameters)
     may call it without the typed wrapper's Python checks."""
-    backend = _backend.choose(device)
-    if backend in ("cpp", "cuda") and _backend.has_op(name, "CPU" if backend == "cpp" else "CUDA"):
-        return getattr(torch.ops.cpl, name)
-    return None
+    return getattr(torch.ops.cpl, name) if _backend.native_op(name, _backend.choose(device)) else None
 
 
 def empty_codes(like: Tensor) -> Tensor:
