@@ -11,10 +11,12 @@ ROW = 512  # a Llama-ish row: two rows per 1024-element block, so row masks make
 
 
 def make_mask(n, pattern, gen):
-    """pattern: an active fraction (random elements) or "rows" (30% of 512-element rows)."""
-    if pattern == "rows":
-        rows = torch.rand((n + ROW - 1) // ROW, generator=gen) < 0.3
-        mask = rows.repeat_interleave(ROW)[:n]
+    """pattern: an active fraction (random elements), "rows" (30% of 512-element rows) or "words"
+    (40% of 32-element runs: the kernels' whole-word runs of one word and more)."""
+    if pattern in ("rows", "words"):
+        run, frac = (ROW, 0.3) if pattern == "rows" else (32, 0.4)
+        runs = torch.rand((n + run - 1) // run, generator=gen) < frac
+        mask = runs.repeat_interleave(run)[:n]
     else:
         mask = torch.rand(n, generator=gen) < pattern
     if n >= 2100 and pattern not in (0.0, 1.0):  # a fully active and a fully frozen block
@@ -73,7 +75,7 @@ CONFIGS = [  # (skip_nonfinite, grad_scale)
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["plain", "skip", "skip-scaled"])
 @pytest.mark.parametrize("dtype", PARAM_DTYPES)
-@pytest.mark.parametrize("pattern", [0.0, 0.05, 0.3, 0.7, 1.0, "rows"])
+@pytest.mark.parametrize("pattern", [0.0, 0.05, 0.3, 0.7, 1.0, "rows", "words"])
 def test_masked_adamw_matches_reference(backend, dtype, pattern, config):
     device, name = backend
     skip, scale = config

@@ -80,7 +80,7 @@ CPL_INLINE void dequantize(const uint8_t* __restrict q, const float* __restrict 
     const float scale = absmax[(i + b0) / kQBlock];
     const int64_t nb = std::min(kQBlock, lanes - b0);
 #if CPL_HAVE_AVX2_DISPATCH
-    if (cpu_has_avx2()) {  // gathers: GCC leaves the table loads scalar
+    if (cpu_has_avx2()) {  // quant8::table8: GCC leaves the table loads scalar
       quant8::dequantize_avx2(q + i + b0, values, scale, nb, out + b0);
       continue;
     }

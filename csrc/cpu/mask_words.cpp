@@ -7,6 +7,7 @@
 // blocks (n / 1024 entries). Reads a and b (8 B/element fp32, or 4.25 with codes), writes
 // 0.125 B/element.
 #include "common.h"
+#include "compact_state.h"
 #include "ops.h"
 #include "simd.h"
 
@@ -14,8 +15,6 @@ namespace cpl {
 namespace cpu {
 
 namespace {
-
-constexpr int64_t kWordsPerBlock = kOffsetBlock / kBitsPerWord;
 
 // Word w from two tensors: conflicting = opposite strict signs (a product could underflow to
 // -0 in fp32; the signs cannot). NaN compares false: collaborative.
