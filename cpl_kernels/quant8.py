@@ -11,11 +11,19 @@ Quantizing a block (torchao's quantize_8bit_with_qmap, operation for operation, 
   absmax = max |x| over the block (NaN if any element is NaN), clipped below at fp32(1e-12);
   y = x / absmax (a true division); code = the largest c with qmap[c] <= y (0 if none: also NaN),
   then c + 1 instead when y - qmap[c] >= (qmap[c + 1] - qmap[c]) * 0.5 (c < 255).
-That second rule, decided once per map, is a threshold per code: `thresholds(qmap)[c]` is the
-smallest fp32 y for which the result is c + 1 or more, so the code of y is the number of
-thresholds <= y. The kernels count them by an 8-step branchless binary search over that table
-(256 entries, the last +inf); the reference below is torchao's algorithm itself, and the tests
-check the two agree on every map value, every threshold and their fp32 neighbours.
+One departure from torchao, for the unsigned map (Adam's v) only: a y of at least FLT_MIN that
+the rule would round to code 0 takes code 1 (`rule`). Without it an element whose v is under
+~1.6e-7 of its block's absmax reads back v = 0 while its m does not, and its next step is m / eps
+instead of m / sqrt(v); CPL, which zeroes the gradient of conflicting elements while their block's
+absmax stays up, makes 3x more such elements than fine-tuning, and in the lab they were what made
+CPL with 8-bit state forget 4.3 facts where fp32 state forgets 1.0 (docs/lab.md). Code 1 reads back
+as 3.25e-7 of the absmax: a slightly larger v, so a slightly smaller step.
+That rule, decided once per map, is a threshold per code: `thresholds(qmap)[c]` is the
+smallest fp32 y for which the result is c + 1 or more (for the unsigned map's code 0: FLT_MIN), so
+the code of y is the number of thresholds <= y. The kernels count them by an 8-step branchless
+binary search over that table (256 entries, the last +inf; the C++ kernel reads a bucket table of
+it); the reference below is torchao's algorithm itself plus the floor, and the tests check the two
+agree on every map value, every threshold and their fp32 neighbours.
 
 Small tensors (fewer than MIN_NUMEL elements) keep fp32 state, as bitsandbytes and torchao do.
 """
@@ -71,6 +79,18 @@ def _search(y: Tensor, qmap: Tensor) -> Tensor:
     return torch.where(y - down_v >= (up_v - down_v) * 0.5, up, c)
 
 
+FLOOR = torch.finfo(torch.float32).tiny  # FLT_MIN: the least y an unsigned map never rounds to code 0
+
+
+def rule(y: Tensor, qmap: Tensor) -> Tensor:
+    """The reference rule: torchao's search (`_search`), except that with an unsigned map (its
+    first entry 0: Adam's v) a y >= FLOOR takes code 1 or more (module docstring)."""
+    c = _search(y, qmap)
+    if float(qmap[0]) == 0.0:
+        c = torch.where((c == 0) & (y >= FLOOR), 1, c)
+    return c
+
+
 def _keys(x: Tensor) -> Tensor:
     """int64 keys that order fp32 values as the values do (consecutive fp32, consecutive keys)."""
     bits = x.to(torch.float32).view(torch.int32).to(torch.int64)
@@ -92,7 +112,7 @@ def thresholds(signed: bool) -> tuple[float, ...]:
     lo, hi = _keys(qmap[:-1]), _keys(qmap[1:])
     while bool((lo < hi).any()):  # 32 rounds at most: all 255 bisections at once
         mid = (lo + hi) // 2
-        above = _search(_from_keys(mid), qmap) > codes
+        above = rule(_from_keys(mid), qmap) > codes
         open_ = lo < hi
         hi = torch.where(open_ & above, mid, hi)
         lo = torch.where(open_ & ~above, mid + 1, lo)
@@ -129,10 +149,10 @@ def block_absmax(x: Tensor) -> Tensor:
 
 def quantize_(x: Tensor, codes: Tensor, absmax: Tensor, qmap: Tensor) -> None:
     """Writes x (fp32, n elements) as codes (uint8, n) and absmax (fp32, num_blocks(n)), torchao's
-    rule (module docstring)."""
+    rule with the unsigned map's floor (module docstring)."""
     amax = block_absmax(x)
     y = x.reshape(-1) / amax.repeat_interleave(BLOCK)[:x.numel()]
-    codes.view(-1).copy_(_search(y, qmap).to(torch.uint8))
+    codes.view(-1).copy_(rule(y, qmap).to(torch.uint8))
     absmax.copy_(amax)
 
 

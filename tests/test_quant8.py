@@ -1,7 +1,7 @@
 """The 8-bit blockwise format (cpl_kernels/quant8.py): the maps against their published definition
 (and torchao's, when installed), the kernels' threshold search against the reference rule on
 every map value, every threshold and their fp32 neighbours, and the reference's block
-quantization against torchao's functions."""
+quantization against torchao's functions (equal but for the unsigned map's floor)."""
 import pytest
 import torch
 
@@ -51,7 +51,8 @@ def probes(signed: bool) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     return torch.cat([edge, torch.nextafter(edge, down), torch.nextafter(edge, up),
                       torch.rand(200_000, generator=gen) * 2 - 1, torch.rand(10_000, generator=gen) * 1e-5,
-                      torch.tensor([float("nan"), float("inf"), float("-inf"), -1.0, 1.0, 0.0, -0.0, 2.0, -2.0])])
+                      torch.tensor([float("nan"), float("inf"), float("-inf"), -1.0, 1.0, 0.0, -0.0, 2.0, -2.0,
+                                    quant8.FLOOR, quant8.FLOOR / 2, 1e-30, 1e-44, -1e-30])])
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -59,7 +60,7 @@ def test_threshold_search_is_the_reference_rule(signed):
     qmap = torch.tensor(quant8.dynamic_map(signed))
     th = torch.tensor(quant8.thresholds(signed))
     y = probes(signed)
-    assert torch.equal(quant8.quantize_by_thresholds(y, th), quant8._search(y, qmap))
+    assert torch.equal(quant8.quantize_by_thresholds(y, th), quant8.rule(y, qmap))
     assert quant8.quantize_by_thresholds(torch.tensor([float("nan")]), th).item() == 0
     # every map value is its own code
     assert torch.equal(quant8.quantize_by_thresholds(qmap, th), torch.arange(256))
@@ -70,7 +71,24 @@ def test_reference_rule_equals_torchao(signed):
     qu = pytest.importorskip("torchao.optim.quant_utils")
     qmap = torch.tensor(quant8.dynamic_map(signed))
     y = probes(signed)
-    assert torch.equal(quant8._search(y, qmap), qu.quantize_8bit_with_qmap(y, qmap).long())
+    torchao = qu.quantize_8bit_with_qmap(y, qmap).long()
+    assert torch.equal(quant8._search(y, qmap), torchao)
+    # the rule differs only by the unsigned map's floor: code 1 for y in [FLT_MIN, first threshold)
+    differ = quant8.rule(y, qmap) != torchao
+    if signed:
+        assert not differ.any()
+    else:
+        assert differ.any()
+        assert bool(((y[differ] >= quant8.FLOOR) & (torchao[differ] == 0) & (quant8.rule(y, qmap)[differ] == 1)).all())
+
+
+def test_unsigned_floor_keeps_positive_v_off_code_0():
+    qmap = torch.tensor(quant8.dynamic_map(False))
+    th = quant8.thresholds(False)
+    assert th[0] == quant8.FLOOR and th[1] == quant8.thresholds(False)[1] > 1e-7
+    y = torch.tensor([0.0, quant8.FLOOR / 2, quant8.FLOOR, 1e-30, 1e-9, 1.6e-7, 3.25e-7])
+    assert quant8.rule(y, qmap).tolist() == [0, 0, 1, 1, 1, 1, 1]
+    assert quant8.thresholds(True)[0] < -0.9  # the signed map (m) has no floor
 
 
 @pytest.mark.parametrize("n", [256, 4096, 256 * 37])
@@ -87,7 +105,9 @@ def test_block_quantization_equals_torchao(n):
         quant8.quantize_(x, codes, absmax, qmap)
         scaled, scale = qu.scale_tensor(x, quant8.BLOCK)
         assert torch.equal(absmax, scale)
-        assert torch.equal(codes, qu.quantize_8bit_with_qmap(scaled, qmap))
+        assert torch.equal(codes, quant8.rule(scaled, qmap).to(torch.uint8))
+        floored = codes.long() != qu.quantize_8bit_with_qmap(scaled, qmap).long()  # v under the floor only
+        assert bool(((codes[floored] == 1) & (scaled[floored] > 0)).all()) and (signed is False or not floored.any())
         assert torch.equal(quant8.dequantize(codes, absmax, qmap), qu.dequant_with_qmap(codes, qmap, scale))
 
 

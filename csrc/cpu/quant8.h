@@ -15,8 +15,9 @@
 // from its key's low 15 bits. Two tables (the count, and the threshold as a float) cost two
 // gathers per 8 values; the gathers were half of the 8-bit AdamW step (perf, 16M fp32, 2 threads).
 // The table (12289 buckets, 48 KiB) is built per call from the qmaps argument and checked: a map
-// whose thresholds are not sorted, fall two to a bucket, lie in the folded bucket or outside
-// (-1, 1) is refused (BucketTable::build returns false).
+// whose thresholds are not sorted, fall two to a bucket, lie in the folded bucket (but a first
+// threshold of FLT_MIN, the unsigned map's floor) or outside (-1, 1) is refused
+// (BucketTable::build returns false).
 //
 // AVX2 (codes_avx2, dequantize_avx2): 8 values at a time, the tables read by table8 (GCC leaves
 // the scalar loops' table loads unvectorised); the same integer operations, the same codes.
@@ -43,6 +44,7 @@ constexpr int32_t kHalf = (kKeyOne - kKeyTiny) >> kShift;
 constexpr int kBuckets = 2 * kHalf + 1;
 constexpr int32_t kOffsetMask = (1 << kShift) - 1;
 constexpr int32_t kNone = 1 << kShift;  // offset of an empty bucket's threshold: above every key's
+constexpr int32_t kKeyFloor = 0x00800000;  // key of FLT_MIN: the unsigned map's floor threshold
 
 // Integer keys ordered as the fp32 values (both zeros: 0; NaN: beyond every finite key).
 CPL_INLINE int32_t order_key(float y) {
@@ -70,6 +72,9 @@ CPL_INLINE int32_t offset_of(int32_t k) {
 struct BucketTable {
   // Per bucket: thresholds below it | (offset of its threshold, or kNone) << 8.
   alignas(64) int32_t entry[kBuckets];
+  // The map's first threshold is FLT_MIN (quant8.py thresholds: a positive v never rounds to code
+  // 0). It is the one threshold allowed in the folded bucket, compared there by key.
+  bool floor = false;
 
   // From 256 thresholds (the last +inf, ignored); false when the map breaks the table's premise.
   bool build(const float* thresholds) {
@@ -82,7 +87,13 @@ struct BucketTable {
       if (!(t > -1.f && t < 1.f)) return false;               // y = x / absmax never leaves [-1, 1]
       const int32_t k = order_key(t);
       const int32_t b = bucket_of(k);
-      if (b == kHalf || ++in_bucket[b] > 1) return false;     // the folded bucket has no offsets
+      if (b == kHalf) {  // the folded bucket has no offsets: only the floor, counted by key
+        if (c != 0 || k != kKeyFloor) return false;
+        floor = true;
+        ++in_bucket[b];
+        continue;
+      }
+      if (++in_bucket[b] > 1) return false;
       offset[b] = offset_of(k);
     }
     int32_t count = 0;
@@ -96,8 +107,10 @@ struct BucketTable {
   // The code of y; NaN: 0.
   CPL_INLINE int32_t code(float y) const {
     const int32_t k = clamp_key(order_key(y));
-    const int32_t e = entry[bucket_of(k)];
-    const int32_t c = (e & 0xff) + static_cast<int32_t>(offset_of(k) >= (e >> 8));
+    const int32_t b = bucket_of(k);
+    const int32_t e = entry[b];
+    const int32_t c = (e & 0xff) + static_cast<int32_t>(offset_of(k) >= (e >> 8)) +
+                      static_cast<int32_t>(floor && b == kHalf && k >= kKeyFloor);
     return y == y ? c : 0;
   }
 };
@@ -140,8 +153,13 @@ CPL_TARGET_AVX2 CPL_INLINE __m256i code8(const BucketTable& t, __m256 y) {
   const __m256i e = table8(t.entry, bucket);  // bucket in [0, kBuckets): clamped key
   // A true compare is -1 as an integer: subtracting it adds 1 (offsets and entries are >= 0).
   const __m256i above = _mm256_cmpgt_epi32(_mm256_srli_epi32(e, 8), offset);  // threshold's offset > y's
-  const __m256i c = _mm256_sub_epi32(_mm256_and_si256(e, _mm256_set1_epi32(0xff)),
-                                     _mm256_andnot_si256(above, _mm256_set1_epi32(-1)));
+  __m256i c = _mm256_sub_epi32(_mm256_and_si256(e, _mm256_set1_epi32(0xff)),
+                               _mm256_andnot_si256(above, _mm256_set1_epi32(-1)));
+  if (t.floor) {  // the folded bucket's floor threshold: +1 where k >= key(FLT_MIN) there
+    const __m256i at_floor = _mm256_and_si256(_mm256_cmpeq_epi32(bucket, half),
+                                              _mm256_cmpgt_epi32(k, _mm256_set1_epi32(kKeyFloor - 1)));
+    c = _mm256_sub_epi32(c, at_floor);
+  }
   return _mm256_and_si256(c, _mm256_castps_si256(_mm256_cmp_ps(y, y, _CMP_ORD_Q)));  // NaN: 0
 }
 

@@ -92,7 +92,8 @@ std::vector<engine::Entry> check_entries(at::TensorList params, at::TensorList g
     for (int k = 0; k < 2; ++k)
       CPL_FAIL_UNLESS(tables[k].build(qmaps + (2 * k + 1) * engine::kQMapEntries), "qmaps",
                       "row [", k, ", 1] must hold 255 sorted thresholds in (-1, 1) and +inf, as "
-                      "cpl_kernels.quant8.qmaps builds them (at most one a bucket of quant8.h)");
+                      "cpl_kernels.quant8.qmaps builds them (at most one a bucket of quant8.h, none "
+                      "under 2^-24 in magnitude but a first threshold of FLT_MIN)");
   }
   const size_t n = params.size();
   std::vector<engine::Entry> entries;
