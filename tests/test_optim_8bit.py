@@ -13,9 +13,9 @@ import torch
 from cpl_kernels import CPLAdam8bit, CPLAdamW, CPLAdamW8bit, quant8
 from cpl_kernels import reference as ref
 
-# Parity with torchao's AdamW8bit over 100 steps (tests/test_optim_8bit.py measured 0.0075-0.0085
-# for the weight matrices, 0.001 for the fp32-state biases; the two differ in rounding only:
-# torchao applies the decay first and updates m, v by lerp): per parameter,
+# Parity with torchao's AdamW8bit over 100 steps (measured 0.0088-0.0098 for the weight matrices,
+# 0.0075-0.0085 before v's floor, and 0.001 for the fp32-state biases; the two differ in rounding:
+# torchao applies the decay first and updates m, v by lerp, and has no floor on v): per parameter,
 # |p_ours - p_torchao| / |p_torchao - p_start| (Frobenius norms).
 TORCHAO_REL_DEV = 0.03
 
